@@ -1,0 +1,410 @@
+#!/usr/bin/env python
+"""Write a synthetic Qwen3 base checkpoint and a PEFT LoRA adapter for it.
+
+    python scripts/make_synthetic_model.py --preset {tiny,qwen3-1.7b,qwen3-8b} --out DIR
+        [--seed N] [--rank 16] [--alpha 32] [--max-shard-size 2GB]
+
+writes DIR/base/ (config.json, generation_config.json, a small real tokenizer and safetensors weights with the
+real architecture's key layout and shapes, sharded like transformers) and DIR/adapter/ (adapter_config.json and
+adapter_model.safetensors as PEFT saves them). No download, no model instantiation.
+
+Memory stays bounded by the largest single tensor (the embedding: 1.2 GB for qwen3-8b): each shard is written
+by a small streaming safetensors writer, one tensor at a time, instead of being collected in a dict first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PRESETS = {
+    # Shapes of the real Qwen/Qwen3-1.7B and Qwen/Qwen3-8B configs; "tiny" is the same architecture shrunk.
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True,
+        max_position_embeddings=2048, rope_theta=1000000.0, name="synthetic/qwen3-tiny",
+    ),
+    "qwen3-1.7b": dict(
+        hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+        max_position_embeddings=40960, rope_theta=1000000.0, name="synthetic/qwen3-1.7b",
+    ),
+    "qwen3-8b": dict(
+        hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+        max_position_embeddings=40960, rope_theta=1000000.0, name="synthetic/qwen3-8b",
+    ),
+}
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+@dataclass
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "linear", "embed", "norm"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layout
+
+
+def base_tensor_specs(p: dict) -> list[TensorSpec]:
+    """Qwen3ForCausalLM state-dict keys in module order, as transformers saves them."""
+    h, i, hd = p["hidden_size"], p["intermediate_size"], p["head_dim"]
+    q_out, kv_out = p["num_attention_heads"] * hd, p["num_key_value_heads"] * hd
+    specs = [TensorSpec("model.embed_tokens.weight", (p["vocab_size"], h), "embed")]
+    for layer in range(p["num_hidden_layers"]):
+        pre = f"model.layers.{layer}."
+        specs += [
+            TensorSpec(pre + "self_attn.q_proj.weight", (q_out, h), "linear"),
+            TensorSpec(pre + "self_attn.k_proj.weight", (kv_out, h), "linear"),
+            TensorSpec(pre + "self_attn.v_proj.weight", (kv_out, h), "linear"),
+            TensorSpec(pre + "self_attn.o_proj.weight", (h, q_out), "linear"),
+            TensorSpec(pre + "self_attn.q_norm.weight", (hd,), "norm"),
+            TensorSpec(pre + "self_attn.k_norm.weight", (hd,), "norm"),
+            TensorSpec(pre + "mlp.gate_proj.weight", (i, h), "linear"),
+            TensorSpec(pre + "mlp.up_proj.weight", (i, h), "linear"),
+            TensorSpec(pre + "mlp.down_proj.weight", (h, i), "linear"),
+            TensorSpec(pre + "input_layernorm.weight", (h,), "norm"),
+            TensorSpec(pre + "post_attention_layernorm.weight", (h,), "norm"),
+        ]
+    specs.append(TensorSpec("model.norm.weight", (h,), "norm"))
+    if not p["tie_word_embeddings"]:
+        specs.append(TensorSpec("lm_head.weight", (p["vocab_size"], h), "embed"))
+    return specs
+
+
+def lora_module_shapes(p: dict) -> list[tuple[str, int, int]]:
+    """(module path, in_features, out_features) of every LoRA target, PEFT key order."""
+    h, i, hd = p["hidden_size"], p["intermediate_size"], p["head_dim"]
+    q_out, kv_out = p["num_attention_heads"] * hd, p["num_key_value_heads"] * hd
+    dims = {
+        "self_attn.q_proj": (h, q_out), "self_attn.k_proj": (h, kv_out), "self_attn.v_proj": (h, kv_out),
+        "self_attn.o_proj": (q_out, h), "mlp.gate_proj": (h, i), "mlp.up_proj": (h, i), "mlp.down_proj": (i, h),
+    }
+    return [
+        (f"model.layers.{layer}.{mod}", fin, fout)
+        for layer in range(p["num_hidden_layers"])
+        for mod, (fin, fout) in dims.items()
+    ]
+
+
+def parse_size(s: str | int) -> int:
+    """'2GB' -> 2_000_000_000, '2GiB' -> 2**31, '500MB', '1000' (bytes); like huggingface_hub."""
+    if isinstance(s, int):
+        return s
+    t = s.strip().upper()
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10,
+             "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
+    for u, mult in units.items():
+        if t.endswith(u):
+            return int(float(t[: -len(u)]) * mult)
+    return int(t)
+
+
+def plan_shards(specs: list[TensorSpec], max_bytes: int, elem_size: int = 2) -> list[list[TensorSpec]]:
+    """Greedy in-order split as transformers/huggingface_hub do: a tensor that does not fit starts a new shard."""
+    shards: list[list[TensorSpec]] = [[]]
+    cur = 0
+    for s in specs:
+        size = s.numel * elem_size
+        if shards[-1] and cur + size > max_bytes:
+            shards.append([])
+            cur = 0
+        shards[-1].append(s)
+        cur += size
+    return shards
+
+
+# --------------------------------------------------------------------------------------------------------------
+# writing
+
+_ST_DTYPES = {"bf16": ("BF16", np.uint16, 2), "f32": ("F32", np.float32, 4)}
+
+
+class StreamingSafetensorsWriter:
+    """Write a .safetensors file whose header is known up front, tensor by tensor, in the given order.
+
+    Holds at most one tensor in memory (safetensors' save_file wants the whole dict, and copies it once more)."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata=None):
+        header: dict = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        offset = 0
+        self._expected = []
+        for name, dtype, shape in entries:
+            nbytes = _ST_DTYPES[dtype][2] * math.prod(shape)
+            header[name] = {"dtype": _ST_DTYPES[dtype][0], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._expected.append((name, tuple(shape), nbytes))
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors pads the header so the data section is 8-byte aligned
+        self.data_bytes = offset
+        self._f = open(path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._i = 0
+
+    def write(self, name: str, a: np.ndarray) -> None:
+        ename, eshape, nbytes = self._expected[self._i]
+        if name != ename or tuple(a.shape) != eshape or a.nbytes != nbytes:
+            raise ValueError(f"expected {ename} {eshape}, got {name} {a.shape}")
+        self._f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+        self._i += 1
+
+    def close(self) -> None:
+        self._f.close()
+        if self._i != len(self._expected):
+            raise ValueError(f"only {self._i} of {len(self._expected)} tensors written")
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even (x must be finite)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+class WeightSource:
+    """Fast random bf16 weights without torch.
+
+    Drawing 8e9 normal samples and rounding them costs minutes on 2 cores, so a 16M-value block of
+    N(0, 0.02) clamped to +-0.1 is drawn once; each tensor is a slice of it starting at a random offset (wrapping)
+    with the 3 lowest mantissa bits XORed with fresh random bits (a relative perturbation below 6%, which never
+    changes the exponent, so values stay finite and inside +-0.1). Norm weights are 1 +- 0.05."""
+
+    BLOCK = 1 << 24
+
+    def __init__(self, seed: int, max_numel: int):
+        self.rng = np.random.default_rng(seed)
+        n = min(self.BLOCK, max_numel)
+        x = self.rng.standard_normal(n, dtype=np.float32)
+        x *= 0.02
+        np.clip(x, -0.1, 0.1, out=x)
+        self.block = f32_to_bf16_bits(x)
+
+    def linear(self, shape: tuple[int, ...]) -> np.ndarray:
+        n, m = math.prod(shape), self.block.size
+        start = int(self.rng.integers(0, m))
+        out = np.empty(n, dtype=np.uint16)
+        pos = 0
+        while pos < n:
+            take = min(n - pos, m - start)
+            out[pos : pos + take] = self.block[start : start + take]
+            pos += take
+            start = 0
+        out ^= self.rng.integers(0, 8, size=n, dtype=np.uint16)
+        return out.reshape(shape)
+
+    def norm(self, shape: tuple[int, ...]) -> np.ndarray:
+        one = 0x3F80  # bf16 1.0; +-7 ulps = 1 +- 0.055
+        return (one + self.rng.integers(-7, 8, size=shape, dtype=np.int32)).astype(np.uint16)
+
+
+def write_base_weights(base: Path, p: dict, max_shard: int, seed: int, log) -> tuple[int, int, int]:
+    specs = base_tensor_specs(p)
+    shards = plan_shards(specs, max_shard)
+    src = WeightSource(seed, max(s.numel for s in specs))
+    total_size = 0
+    weight_map: dict[str, str] = {}
+    n = len(shards)
+    for idx, shard in enumerate(shards, 1):
+        fname = "model.safetensors" if n == 1 else f"model-{idx:05d}-of-{n:05d}.safetensors"
+        t0 = time.time()
+        shard = sorted(shard, key=lambda s: s.name)  # safetensors' save_file lays data out sorted by name
+        w = StreamingSafetensorsWriter(base / fname, [(s.name, "bf16", s.shape) for s in shard], {"format": "pt"})
+        for s in shard:
+            w.write(s.name, src.norm(s.shape) if s.kind == "norm" else src.linear(s.shape))
+            weight_map[s.name] = fname
+        w.close()
+        total_size += w.data_bytes
+        log(f"  {fname}: {len(shard)} tensors, {human(w.data_bytes)}, {time.time() - t0:.1f}s")
+    if n > 1:
+        # Same content and formatting as transformers 5 save_pretrained (sorted keys, indent 2, newline).
+        index = {"metadata": {"total_parameters": sum(s.numel for s in specs), "total_size": total_size},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return total_size, n, sum(s.numel for s in specs)
+
+
+def human(nbytes: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.2f} {unit}"
+        nbytes /= 1000
+    return ""
+
+
+def _version(dist: str, default: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return default
+
+
+def build_config(p: dict, tok_ids: dict[str, int]) -> dict:
+    """Qwen3 config.json with the fields transformers 5 writes for Qwen3Config (to_diff_dict), plus `torch_dtype`
+    beside `dtype`: transformers 5 writes only `dtype`, the Qwen hub configs (transformers 4) only `torch_dtype`;
+    both are written so readers of either generation find it. Hand-written (no transformers import, so the tiny
+    preset stays fast); tests/test_scripts.py checks it against Qwen3Config."""
+    n = p["num_hidden_layers"]
+    d = {
+        "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": tok_ids["<|endoftext|>"], "dtype": "bfloat16", "eos_token_id": tok_ids["<|endoftext|>"],
+        "head_dim": p["head_dim"], "hidden_act": "silu", "hidden_size": p["hidden_size"], "initializer_range": 0.02,
+        "intermediate_size": p["intermediate_size"], "layer_types": ["full_attention"] * n,
+        "max_position_embeddings": p["max_position_embeddings"], "max_window_layers": n, "model_type": "qwen3",
+        "num_attention_heads": p["num_attention_heads"], "num_hidden_layers": n,
+        "num_key_value_heads": p["num_key_value_heads"], "pad_token_id": None, "rms_norm_eps": 1e-6,
+        "rope_parameters": {"rope_theta": p["rope_theta"], "rope_type": "default"}, "sliding_window": None,
+        "tie_word_embeddings": p["tie_word_embeddings"], "torch_dtype": "bfloat16",
+        "transformers_version": _version("transformers", "5.0.0"), "use_cache": True, "use_sliding_window": False,
+        "vocab_size": p["vocab_size"],
+    }
+    return d
+
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A language model predicts the next token from the previous ones.
+Low rank adaptation trains two small matrices per layer and keeps the base weights frozen.
+Merging adds the scaled product of the two matrices to the original weight so inference needs no adapter.
+Safetensors files start with a small JSON header followed by raw little endian tensor data.
+Streaming the merge tensor by tensor keeps the peak memory close to the size of one tensor.
+def merge(weight, lora_a, lora_b, scale): return weight + scale * lora_b @ lora_a
+<|im_start|>user
+Hello, how are you today?<|im_end|>
+<|im_start|>assistant
+I am fine, thank you. 0 1 2 3 4 5 6 7 8 9 10 100 1000
+"""
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def write_tokenizer(base: Path, vocab_size: int) -> dict[str, int]:
+    """A small byte-level BPE (a few hundred tokens) with Qwen's special tokens, loadable by AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=min(vocab_size, 400), special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.splitlines() * 4, trainer=trainer)
+    tok.save(str(base / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    if max(tok.get_vocab().values()) >= vocab_size:
+        raise SystemExit(f"tokenizer vocab {tok.get_vocab_size()} does not fit model vocab {vocab_size}")
+    added = {
+        str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                      "single_word": False, "special": True}
+        for t in SPECIAL_TOKENS
+    }
+    tok_cfg = {
+        "add_prefix_space": False, "added_tokens_decoder": added, "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None, "chat_template": CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+        "eos_token": "<|endoftext|>", "model_max_length": 40960, "pad_token": "<|endoftext|>",
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    (base / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+    special = {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (base / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return ids
+
+
+def adapter_config(p: dict, rank: int, alpha: int, base_path: str) -> dict:
+    """adapter_config.json as PEFT (0.18 to 0.21) save_pretrained writes it for a LoraConfig with these arguments:
+    every LoraConfig field with its default, sets as lists, inference_mode true. Hand-written so that peft need
+    not be imported; tests/test_scripts.py checks it against peft.LoraConfig."""
+    return {
+        "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+        "base_model_name_or_path": base_path, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+        "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+        "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+        "layers_to_transform": None, "loftq_config": {}, "lora_alpha": alpha, "lora_bias": False,
+        "lora_dropout": 0.0, "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core",
+        "modules_to_save": None, "monteclora_config": None, "peft_type": "LORA",
+        "peft_version": _version("peft", "0.18.0"), "qalora_group_size": 16, "r": rank, "rank_pattern": {},
+        "revision": None, "target_modules": sorted(LORA_TARGETS), "target_parameters": None,
+        "task_type": "CAUSAL_LM", "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+        "use_qalora": False, "use_rslora": False, "velora_config": None,
+    }
+
+
+def write_adapter(adapter: Path, p: dict, rank: int, alpha: int, seed: int, base_path: str) -> int:
+    """adapter_model.safetensors: lora_A [r, in] and lora_B [out, r] in float32, PEFT key names, {"format": "pt"}."""
+    rng = np.random.default_rng(seed + 1)
+    entries, arrays = [], {}
+    for mod, fin, fout in lora_module_shapes(p):
+        pre = f"base_model.model.{mod}"
+        bound = 1.0 / math.sqrt(fin)  # A as PEFT's kaiming-uniform init; B small but non-zero (a trained adapter)
+        arrays[pre + ".lora_A.weight"] = ((rank, fin), lambda fin=fin, b=bound: rng.uniform(-b, b, (rank, fin)).astype(np.float32))
+        arrays[pre + ".lora_B.weight"] = ((fout, rank), lambda fout=fout: (rng.standard_normal((fout, rank), dtype=np.float32) * 0.01))
+    names = sorted(arrays)  # draw in name order so the file is a function of the seed only
+    w = StreamingSafetensorsWriter(adapter / "adapter_model.safetensors", [(k, "f32", arrays[k][0]) for k in names], {"format": "pt"})
+    for k in names:
+        w.write(k, arrays[k][1]())
+    w.close()
+    cfg = adapter_config(p, rank, alpha, base_path)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return w.data_bytes
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    ap.add_argument("--out", required=True, type=Path, help="writes OUT/base and OUT/adapter")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--max-shard-size", default="2GB", help="like transformers: 2GB = 2e9 bytes, 2GiB = 2^31")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    log = (lambda *x: None) if a.quiet else (lambda *x: print(*x, flush=True))
+
+    p = PRESETS[a.preset]
+    base, adapter = a.out / "base", a.out / "adapter"
+    for d in (base, adapter):
+        d.mkdir(parents=True, exist_ok=True)
+        for f in d.iterdir():  # stale shards of an earlier run with another shard size would confuse readers
+            if f.is_file() and (f.suffix == ".safetensors" or f.name.endswith(".index.json")):
+                f.unlink()
+    t0 = time.time()
+    log(f"Writing synthetic {a.preset} (Qwen3ForCausalLM) to {a.out}")
+    ids = write_tokenizer(base, p["vocab_size"])
+    cfg = build_config(p, ids)
+    (base / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen_cfg = {"bos_token_id": ids["<|endoftext|>"], "do_sample": False, "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
+               "pad_token_id": ids["<|endoftext|>"], "transformers_version": cfg.get("transformers_version", "5.0.0")}
+    (base / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2, sort_keys=True) + "\n")
+    total, nshards, nparams = write_base_weights(base, p, parse_size(a.max_shard_size), a.seed, log)
+    log(f"base:    {base}  {nparams:,} params, {human(total)} bf16 in {nshards} file(s)")
+    # PEFT records model.name_or_path: the local folder the base was loaded from.
+    ab = write_adapter(adapter, p, a.rank, a.alpha, a.seed, str(base.resolve()))
+    log(f"adapter: {adapter}  r={a.rank} alpha={a.alpha}, {len(lora_module_shapes(p))} modules, {human(ab)} float32")
+    log(f"done in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
