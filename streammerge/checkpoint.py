@@ -1,0 +1,472 @@
+"""Read base checkpoints strictly: safetensors headers, the shard index, and zero-copy tensor views.
+
+Nothing here loads a model. Headers are parsed and checked against the file size before any weight is touched,
+so a truncated or corrupt download fails up front with one line that names the file and the fix, instead of a
+SIGBUS halfway through a merge. Tensor data is read through private memory maps: pages stay file-backed (they
+are only copied if written, which we never do), so the kernel can drop them again and RSS stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointError, MissingFileError
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+# The safetensors reader refuses headers above 100 MB; so do we, before allocating anything for one.
+MAX_HEADER_SIZE = 100_000_000
+
+# torch dtypes that may be missing on older torch versions (pyproject admits torch >= 2.1).
+_OPTIONAL = {
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+}
+DTYPES.update({st: getattr(torch, name) for st, name in _OPTIONAL.items() if hasattr(torch, name)})
+
+ITEMSIZE: dict[str, int] = {st: torch.empty((), dtype=dt).element_size() for st, dt in DTYPES.items()}
+TORCH_TO_ST: dict[torch.dtype, str] = {dt: st for st, dt in DTYPES.items()}
+
+# Sub-byte safetensors dtypes: valid files, but their shapes count 4/6-bit elements that torch cannot view.
+_SUBBYTE = ("F4", "F6_E2M3", "F6_E3M2")
+
+_INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: its file, absolute byte offset and size, dtype and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    path: Path
+    offset: int
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.dtype]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def rows(self) -> int:
+        """Size of dim 0 (1 for a 0-d tensor)."""
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_nbytes(self) -> int:
+        """Bytes in one row of dim 0 (the whole tensor for a 0-d tensor)."""
+        return math.prod(self.shape[1:]) * self.itemsize
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one safetensors file
+
+
+def _is_int(value: object) -> bool:
+    # JSON true/false arrive as bool, which is an int subclass: never a valid size or offset.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise _DuplicateKey(dup)
+    return dict(pairs)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and strictly validate one safetensors header; returns (tensors in data-offset order, __metadata__)."""
+    path = Path(path)
+    redownload = "re-download the file"
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header: {redownload}")
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > MAX_HEADER_SIZE:
+                raise CheckpointError(
+                    f"{path}: header length {header_len} is over the 100 MB limit: not a safetensors file or corrupt; "
+                    f"{redownload}"
+                )
+            if header_len > size - 8:
+                raise CheckpointError(
+                    f"{path}: header length {header_len} exceeds the file size ({size} bytes): the file is truncated "
+                    f"or not a safetensors file; {redownload}"
+                )
+            raw = f.read(header_len)
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: file not found: check the path or re-download the model") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, expected a safetensors file") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}; check permissions") from None
+    if len(raw) != header_len:
+        raise CheckpointError(f"{path}: file shrank while reading its header: {redownload}")
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path}: header is not UTF-8: corrupt file; {redownload}") from None
+    try:
+        header = json.loads(text, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{path}: header lists key {exc.args[0]!r} twice: corrupt file; {redownload}") from None
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: header is not valid JSON: corrupt file; {redownload}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object: corrupt file; {redownload}")
+
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings: corrupt file; {redownload}")
+
+    data_start = 8 + header_len
+    entries: list[tuple[int, int, TensorInfo]] = []
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: header entry is not an object: corrupt file; {redownload}")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype is None or shape is None or offsets is None:
+            missing = [k for k in ("dtype", "shape", "data_offsets") if entry.get(k) is None]
+            raise CheckpointError(f"{where}: header entry lacks {', '.join(missing)}: corrupt file; {redownload}")
+        if not isinstance(dtype, str):
+            raise CheckpointError(f"{where}: dtype {dtype!r} is not a string: corrupt file; {redownload}")
+        if dtype not in DTYPES:
+            if dtype in _SUBBYTE:
+                raise CheckpointError(
+                    f"{where}: sub-byte dtype {dtype} is not supported by streammerge: dequantize the checkpoint first"
+                )
+            raise CheckpointError(
+                f"{where}: unknown dtype {dtype!r} (known: {', '.join(DTYPES)}): corrupt file or a newer format; "
+                f"{redownload} or upgrade torch/streammerge"
+            )
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise CheckpointError(f"{where}: shape {shape!r} is not a list of integers: corrupt file; {redownload}")
+        if any(d < 0 for d in shape):
+            raise CheckpointError(f"{where}: shape {shape} has a negative dimension: corrupt file; {redownload}")
+        if any(d > _INT64_MAX for d in shape) or math.prod(d for d in shape if d) * ITEMSIZE[dtype] > _INT64_MAX:
+            raise CheckpointError(f"{where}: shape {shape} is too large to exist: corrupt file; {redownload}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise CheckpointError(
+                f"{where}: data_offsets {offsets!r} is not [begin, end]: corrupt file; {redownload}"
+            )
+        begin, end = offsets
+        if begin < 0 or end < begin:
+            raise CheckpointError(
+                f"{where}: data_offsets [{begin}, {end}] do not satisfy 0 <= begin <= end: corrupt file; {redownload}"
+            )
+        expected = math.prod(shape) * ITEMSIZE[dtype]
+        if end - begin != expected:
+            raise CheckpointError(
+                f"{where}: data_offsets span {end - begin} bytes but {dtype}{shape} needs {expected}: corrupt file; "
+                f"{redownload}"
+            )
+        info = TensorInfo(name, dtype, tuple(shape), path, data_start + begin, end - begin)
+        entries.append((begin, end, info))
+
+    # safetensors requires the tensors to tile the data buffer exactly: no gaps, no overlaps, nothing after.
+    entries.sort(key=lambda e: (e[0], e[1]))
+    cursor = 0
+    for begin, end, info in entries:
+        if begin != cursor:
+            problem = "overlaps the previous tensor" if begin < cursor else f"leaves a gap of {begin - cursor} bytes"
+            raise CheckpointError(
+                f"{path}: tensor {info.name!r} at data offset {begin} {problem}: corrupt file; {redownload}"
+            )
+        cursor = end
+    if data_start + cursor != size:
+        if data_start + cursor > size:
+            problem = f"is truncated: {size} bytes on disk, the header needs {data_start + cursor}"
+        else:
+            problem = f"has {size - data_start - cursor} bytes after the last tensor"
+        raise CheckpointError(f"{path}: file {problem}: {redownload}")
+    return {info.name: info for _, _, info in entries}, dict(metadata)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a model folder
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Every tensor of a (possibly sharded) safetensors checkpoint, without any data loaded."""
+
+    root: Path
+    tensors: dict[str, TensorInfo]
+    files: tuple[Path, ...]
+    index_path: Path | None
+
+
+def _allowed_dirs(root: Path) -> list[Path]:
+    """Directories shard files may resolve into: the model folder, and the blob store of a Hugging Face cache.
+
+    A hub cache snapshot (`.../snapshots/<rev>/`) holds symlinks into `../../blobs/`, written by huggingface_hub
+    itself; refusing those would refuse every cached model.
+    """
+    real = root.resolve()
+    dirs = [real]
+    if real.parent.name == "snapshots":
+        dirs.append(real.parent.parent / "blobs")
+    return dirs
+
+
+def _inside(path: Path, dirs: list[Path]) -> bool:
+    return any(path == d or d in path.parents for d in dirs)
+
+
+def _shard_path(root: Path, index_path: Path, name: object, tensor: str) -> Path:
+    fix = "the index is corrupt or malicious; re-download the model"
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise CheckpointError(f"{index_path}: weight_map[{tensor!r}] = {name!r} is not a file name: {fix}")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(
+            f"{index_path}: weight_map[{tensor!r}] = {name!r} points outside the model folder: {fix}"
+        )
+    path = root / rel
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError):  # symlink loops
+        raise CheckpointError(f"{index_path}: shard {name!r} cannot be resolved (symlink loop?): {fix}") from None
+    if not _inside(real, _allowed_dirs(root)):
+        raise CheckpointError(
+            f"{index_path}: shard {name!r} resolves to {real}, outside the model folder {root.resolve()}: {fix}"
+        )
+    return path
+
+
+def _read_index(root: Path, index_path: Path) -> dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointError(f"{index_path}: not a readable JSON file: re-download the model") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: has no \"weight_map\" object: re-download the model")
+    return weight_map
+
+
+def _missing_weights_error(root: Path) -> MissingFileError:
+    bins = sorted(p.name for p in root.glob("*.bin"))
+    if bins:
+        return MissingFileError(
+            f"{root}: has {bins[0]}{' and more' if len(bins) > 1 else ''} but no {SAFE_WEIGHTS_NAME}: streammerge reads "
+            "safetensors only; convert first, e.g. load the model with transformers and "
+            "save_pretrained(dir, safe_serialization=True), or use the Hub's 'Convert to safetensors' Space"
+        )
+    others = sorted(p.name for p in root.glob("*.safetensors"))
+    if others:
+        return MissingFileError(
+            f"{root}: has {', '.join(others[:3])} but neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}: "
+            f"rename a single-file checkpoint to {SAFE_WEIGHTS_NAME} or add the index"
+        )
+    return MissingFileError(
+        f"{root}: no {SAFE_WEIGHTS_NAME} or {SAFE_WEIGHTS_INDEX_NAME}: point to the folder that holds the model weights"
+    )
+
+
+def open_checkpoint(root: Path | str) -> Checkpoint:
+    """Read and cross-check every header of the checkpoint in `root` (single file or sharded with an index)."""
+    root = Path(root)
+    if not root.exists():
+        raise MissingFileError(f"{root}: model folder does not exist: check the path")
+    if not root.is_dir():
+        raise MissingFileError(f"{root}: is not a folder: pass the folder that holds the model's safetensors files")
+
+    single = root / SAFE_WEIGHTS_NAME
+    index_path = root / SAFE_WEIGHTS_INDEX_NAME
+    # transformers loads model.safetensors when it exists, even next to an index; follow it.
+    if single.is_file():
+        tensors, _ = read_header(single)
+        return Checkpoint(root, tensors, (single,), None)
+    if not index_path.is_file():
+        raise _missing_weights_error(root)
+
+    weight_map = _read_index(root, index_path)
+    disagree = "the index and shards disagree: re-download the model"
+    by_shard: dict[str, list[str]] = {}
+    for tensor, shard in weight_map.items():
+        _shard_path(root, index_path, shard, tensor)
+        by_shard.setdefault(shard, []).append(tensor)
+
+    tensors: dict[str, TensorInfo] = {}
+    files: list[Path] = []
+    for shard in sorted(by_shard):
+        path = root / shard
+        if not path.is_file():
+            raise MissingFileError(f"{path}: shard listed in {index_path.name} is missing: re-download the model")
+        infos, _ = read_header(path)
+        listed = set(by_shard[shard])
+        for name in by_shard[shard]:
+            if name not in infos:
+                raise CheckpointError(f"{path}: tensor {name!r} is listed for this shard but not in it: {disagree}")
+        for name, info in infos.items():
+            if name in tensors:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} is also in {tensors[name].path.name}: {disagree}"
+                )
+            if name not in listed:
+                where = f"listed under {weight_map[name]}" if name in weight_map else f"not in {index_path.name}"
+                raise CheckpointError(f"{path}: tensor {name!r} is in this shard but {where}: {disagree}")
+            tensors[name] = info
+        files.append(path)
+    return Checkpoint(root, tensors, tuple(files), index_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading tensor data
+
+
+class TensorReader:
+    """Lazily mmaps shard files (one mapping per file, cached) and hands out zero-copy torch views."""
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+
+    def fd(self, path: Path) -> int:
+        """An O_RDONLY fd for `path` (cached; closed by close())."""
+        path = Path(path)
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                raise MissingFileError(f"{path}: disappeared after its header was read: re-download the model") from None
+            except OSError as exc:
+                raise CheckpointError(f"{path}: cannot open: {exc.strerror or exc}; check permissions") from None
+            self._fds[path] = fd
+        return fd
+
+    def _map(self, info: TensorInfo) -> mmap.mmap:
+        mm = self._maps.get(info.path)
+        if mm is None:
+            fd = self.fd(info.path)
+            size = os.fstat(fd).st_size
+            if size == 0:
+                raise CheckpointError(f"{info.path}: is empty now: the file changed after its header was read")
+            # ACCESS_COPY = MAP_PRIVATE: writable for torch.frombuffer (no read-only warning), but never written,
+            # so every page stays backed by the file and the kernel can drop it.
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            self._maps[info.path] = mm
+        if info.offset + info.nbytes > len(mm):
+            # touching pages past the end of the file would kill the process with SIGBUS
+            raise CheckpointError(
+                f"{info.path}: tensor {info.name!r} lies past the end of the file: the file changed after its header "
+                "was read; re-download it"
+            )
+        return mm
+
+    def _view(self, info: TensorInfo, byte_start: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
+        dtype = info.torch_dtype
+        if count == 0:
+            # torch.frombuffer refuses count=0; an empty tensor owns no data anyway
+            return torch.empty(shape, dtype=dtype)
+        mm = self._map(info)
+        # frombuffer keeps a reference to the mmap object, so the mapping outlives this reader if views do.
+        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=info.offset + byte_start)
+        return t.view(shape)
+
+    def rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of dim 0 as a zero-copy view; a 0-d tensor has one row and comes back 0-d."""
+        if not 0 <= start <= stop <= info.rows:
+            raise ValueError(f"rows [{start}, {stop}) out of range for tensor {info.name!r} with {info.rows} rows")
+        if not info.shape:
+            return self._view(info, 0, 1 if stop > start else 0, () if stop > start else (0,))
+        per_row = math.prod(info.shape[1:])
+        shape = (stop - start, *info.shape[1:])
+        return self._view(info, start * info.row_nbytes, (stop - start) * per_row, shape)
+
+    def tensor(self, info: TensorInfo) -> torch.Tensor:
+        """The whole tensor as a zero-copy view."""
+        return self._view(info, 0, info.numel, info.shape)
+
+    def release(self, info: TensorInfo) -> None:
+        """Tell the kernel we are done with this tensor's pages, so page cache and RSS stay low."""
+        if info.nbytes == 0:
+            return
+        mm = self._maps.get(info.path)
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            # madvise needs a page-aligned start; widening the range is harmless: untouched private pages are
+            # simply re-read from the file if a neighbour needs them again.
+            page = mmap.PAGESIZE
+            start = info.offset // page * page
+            length = min(info.offset + info.nbytes, len(mm)) - start
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, start, length)
+            except (OSError, ValueError):
+                pass  # advice only
+        fd = self._fds.get(info.path)
+        if fd is not None and hasattr(os, "posix_fadvise"):
+            try:
+                os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass  # advice only
+
+    def close(self) -> None:
+        """Drop the mappings and close the fds.
+
+        The mmaps are not closed explicitly: torch.frombuffer does not pin the buffer, so mmap.close() would unmap
+        memory that live views still point to (a segfault on next access). Dropping our reference unmaps each file
+        as soon as its last view is gone.
+        """
+        self._maps.clear()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

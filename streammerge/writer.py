@@ -1,0 +1,453 @@
+"""Stream safetensors shards to disk without ever holding a shard (or a whole tensor) in memory.
+
+The header is computed up front from names, dtypes and shapes alone, byte-for-byte what `safetensors.torch.
+save_file` would write, so the data can follow in row blocks or as raw copies from the base files. A small state
+machine refuses anything that would produce a broken file (wrong tensor, wrong order, wrong byte count).
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import json
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+
+from .checkpoint import DTYPES, ITEMSIZE
+from .errors import CheckpointError, OutputError, StreamMergeError
+
+DEFAULT_METADATA: Mapping[str, str] = MappingProxyType({"format": "pt"})
+
+# safetensors' Rust `Dtype` enum in declaration order. save_file sorts tensors by this enum, descending, then by
+# name (byte order), which also puts wider types first so every tensor is aligned. Verified against
+# safetensors.torch.save_file in tests/test_writer.py.
+_ST_DTYPE_ORDER = (
+    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
+    "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+)
+_DTYPE_RANK = {name: i for i, name in enumerate(_ST_DTYPE_ORDER)}
+
+# Small writes are coalesced; anything this big or bigger goes straight to the fd.
+BUFFER_SIZE = 1 << 20
+COPY_CHUNK = 8 << 20
+
+
+class WriterStateError(StreamMergeError, ValueError):
+    """A ShardWriter was used out of protocol (wrong tensor, order or byte count); the file would be broken."""
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor that will be written: name, safetensors dtype string and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# planning
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from "5GB" (10^9), "2GiB" (2^30), "500MB", "1000" or an int; ValueError for anything else."""
+    if isinstance(text, bool):
+        raise ValueError(f"invalid size {text!r}: use a number of bytes or a number with a unit, e.g. 5GB, 2GiB")
+    if isinstance(text, int):
+        if text <= 0:
+            raise ValueError(f"invalid size {text}: must be a positive number of bytes")
+        return text
+    match = _SIZE_RE.match(str(text))
+    if not match:
+        raise ValueError(
+            f"invalid size {text!r}: use a number of bytes or a number with a unit, e.g. 5GB, 500MB, 2GiB"
+        )
+    number, unit = match.groups()
+    try:
+        value = int(Decimal(number) * _UNITS[(unit or "b").lower()])
+    except InvalidOperation:  # pragma: no cover - the regex admits only decimals
+        raise ValueError(f"invalid size {text!r}: not a number") from None
+    if value <= 0:
+        raise ValueError(f"invalid size {text!r}: must be at least 1 byte")
+    return value
+
+
+def plan_shards(tensors: Sequence[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+    """Split tensors greedily, in order, into shards of at most `max_shard_size` bytes of data.
+
+    A tensor larger than the limit gets a shard of its own. Always at least one shard (empty only if there are no
+    tensors at all).
+    """
+    if max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_file_names(n: int) -> list[str]:
+    """transformers' shard names: model.safetensors, or model-00001-of-0000n.safetensors."""
+    if n < 1:
+        raise ValueError(f"need at least one shard, got {n}")
+    if n == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def header_bytes(
+    tensors: Sequence[PlannedTensor], metadata: Mapping[str, str] | None = DEFAULT_METADATA
+) -> tuple[bytes, list[PlannedTensor]]:
+    """The exact bytes (8-byte LE length + JSON header padded with spaces to a multiple of 8) that safetensors'
+    save_file would write for these tensors, and the order the data must follow (save_file's order).
+
+    Metadata keys are written in the mapping's order; safetensors itself uses a hash map there, so with more than
+    one key its byte order is arbitrary (the parsed content is the same).
+    """
+    names = set()
+    for t in tensors:
+        if not isinstance(t.name, str) or t.name == "__metadata__":
+            raise ValueError(f"invalid tensor name {t.name!r}")
+        if t.name in names:
+            raise ValueError(f"tensor {t.name!r} is planned twice")
+        names.add(t.name)
+        if t.dtype not in DTYPES:
+            raise ValueError(f"tensor {t.name!r}: unsupported dtype {t.dtype!r}")
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 0 for d in t.shape):
+            raise ValueError(f"tensor {t.name!r}: invalid shape {t.shape!r}")
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise ValueError("safetensors metadata must map strings to strings")
+
+    order = sorted(tensors, key=lambda t: (-_DTYPE_RANK[t.dtype], t.name))
+    header: dict[str, object] = {}
+    if metadata is not None:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for t in order:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    # serde_json's output: compact, raw UTF-8, the same escapes as Python's json with ensure_ascii=False
+    text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
+
+
+def write_index(path: Path, shards: list[list[PlannedTensor]], names: list[str], metadata: dict | None = None) -> None:
+    """Write model.safetensors.index.json as transformers does (sorted keys, indent 2) and fsync it."""
+    if len(shards) != len(names):
+        raise ValueError(f"{len(shards)} shards but {len(names)} file names")
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard, file_name in zip(shards, names):
+        for t in shard:
+            if t.name in weight_map:
+                raise ValueError(f"tensor {t.name!r} is planned in both {weight_map[t.name]} and {file_name}")
+            weight_map[t.name] = file_name
+            total += t.nbytes
+    meta = dict(metadata or {})
+    meta["total_size"] = total
+    content = json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
+    path = Path(path)
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise _output_error(exc, path, len(content)) from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors
+
+
+def _gb(n: int) -> str:
+    return f"{max(n, 1) / 1e9:.2f} GB"
+
+
+def _output_error(exc: OSError, path: Path, remaining: int = 0) -> OutputError:
+    """One line for an OSError on the output: what happened to which file, and what to do."""
+    code = exc.errno
+    if code == errno.ENOSPC:
+        msg = f"no space left on device while writing {path}: free at least {_gb(remaining)} or choose another --output"
+    elif code == getattr(errno, "EDQUOT", -1):
+        msg = f"disk quota exceeded while writing {path}: free {_gb(remaining)} in your quota or choose another --output"
+    elif code == errno.EROFS:
+        msg = f"read-only file system while writing {path}: choose another --output"
+    elif code in (errno.EACCES, errno.EPERM):
+        msg = f"permission denied while writing {path}: choose a writable --output"
+    elif code == errno.EFBIG:
+        msg = f"file too large for the file system while writing {path}: use a smaller --max-shard-size"
+    else:
+        msg = f"cannot write {path}: {exc.strerror or exc}: check the output disk or choose another --output"
+    err = OutputError(msg)
+    err.errno = code
+    return err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the writer
+
+
+class WriterState(enum.Enum):
+    OPEN = "open"  # header written, data being appended
+    CLOSED = "closed"  # complete, flushed and fsynced
+    FAILED = "failed"  # an I/O error left the file in an unknown state; only abort() makes sense
+    ABORTED = "aborted"  # closed and deleted
+
+
+_CONTIGUOUS_FALLBACK_ERRNOS = {
+    errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EBADF, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", -1),
+}
+_OUTPUT_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _as_bytes(data: torch.Tensor | bytes | bytearray | memoryview) -> memoryview:
+    """A flat byte view of `data`, sharing its memory (no .tobytes() copies)."""
+    if isinstance(data, torch.Tensor):
+        t = data.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        # numpy() keeps the tensor alive through the array's base; reshape(-1) also flattens 0-d tensors
+        return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class ShardWriter:
+    """Writes one safetensors file: header at construction, then each tensor's bytes in `order`."""
+
+    def __init__(
+        self, path: Path, tensors: Sequence[PlannedTensor], metadata: Mapping[str, str] | None = DEFAULT_METADATA
+    ) -> None:
+        self.path = Path(path)
+        header, self.order = header_bytes(tensors, metadata)
+        self._index = {t.name: i for i, t in enumerate(self.order)}
+        self._total = len(header) + sum(t.nbytes for t in self.order)
+        self._pos = 0  # bytes handed to the writer so far (buffered or written)
+        self._cursor = 0  # index into order of the tensor being written
+        self._done = 0  # bytes of order[cursor] received
+        self._buf = bytearray()
+        self.state = WriterState.OPEN
+        self._fd = -1
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except IsADirectoryError:
+            raise OutputError(f"{self.path} is a directory: choose another --output") from None
+        except OSError as exc:
+            raise _output_error(exc, self.path, self._total) from None
+        try:
+            self._put(memoryview(header))
+        except BaseException:
+            self.abort()
+            raise
+
+    # -- bookkeeping ----------------------------------------------------------------------------------------------
+
+    def _advance_to(self, name: str, nbytes: int, *, tensor_dtype: torch.dtype | None = None) -> None:
+        """Move the cursor to tensor `name` and check `nbytes` more bytes fit; raise before touching the file."""
+        if self.state is not WriterState.OPEN:
+            raise WriterStateError(f"{self.path}: cannot write tensor {name!r}: the writer is {self.state.value}")
+        # finished tensors (including zero-byte ones) are passed over implicitly
+        while (
+            self._cursor < len(self.order)
+            and self.order[self._cursor].name != name
+            and self._done == self.order[self._cursor].nbytes
+        ):
+            self._cursor += 1
+            self._done = 0
+        if self._cursor == len(self.order) or self.order[self._cursor].name != name:
+            if name not in self._index:
+                raise WriterStateError(f"{self.path}: tensor {name!r} is not planned for this shard")
+            if self._index[name] < self._cursor:
+                raise WriterStateError(f"{self.path}: tensor {name!r} was already written; tensors come in .order")
+            cur = self.order[self._cursor]
+            raise WriterStateError(
+                f"{self.path}: tensor {name!r} written out of order: {cur.name!r} still needs "
+                f"{cur.nbytes - self._done} of {cur.nbytes} bytes; write tensors in .order"
+            )
+        cur = self.order[self._cursor]
+        if tensor_dtype is not None and tensor_dtype not in (DTYPES[cur.dtype], torch.uint8):
+            raise WriterStateError(f"{self.path}: tensor {name!r} is planned as {cur.dtype} but got {tensor_dtype}")
+        if self._done + nbytes > cur.nbytes:
+            raise WriterStateError(
+                f"{self.path}: tensor {name!r} got {self._done + nbytes} bytes but is planned as {cur.dtype}"
+                f"{list(cur.shape)} = {cur.nbytes} bytes"
+            )
+        self._done += nbytes
+
+    def _fail(self, exc: OSError) -> OutputError:
+        self.state = WriterState.FAILED
+        return _output_error(exc, self.path, self._total - self._pos)
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            try:
+                n = os.write(self._fd, view)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries, but be explicit
+                continue
+            except OSError as exc:
+                raise self._fail(exc) from None
+            view = view[n:]
+
+    def _flush(self) -> None:
+        if self._buf:
+            buf, self._buf = self._buf, bytearray()
+            self._write_all(memoryview(buf))
+
+    def _put(self, view: memoryview) -> None:
+        if len(self._buf) + len(view) <= BUFFER_SIZE:
+            self._buf += view
+        else:
+            self._flush()
+            if len(view) < BUFFER_SIZE:
+                self._buf += view
+            else:
+                self._write_all(view)  # tensor-sized data goes straight to the fd
+        self._pos += len(view)
+
+    # -- public ---------------------------------------------------------------------------------------------------
+
+    def write(self, name: str, data: torch.Tensor | bytes | bytearray | memoryview) -> None:
+        """Append the next bytes of tensor `name` (a whole tensor or one row block of it)."""
+        view = _as_bytes(data)
+        self._advance_to(name, len(view), tensor_dtype=data.dtype if isinstance(data, torch.Tensor) else None)
+        if view:
+            self._put(view)
+
+    def copy_from(self, name: str, src_fd: int, offset: int, nbytes: int) -> None:
+        """Append `nbytes` of tensor `name` copied straight from `src_fd` at `offset` (kernel-side when possible)."""
+        if nbytes < 0 or offset < 0:
+            raise ValueError(f"copy_from({name!r}): negative offset or size")
+        self._advance_to(name, nbytes)
+        self._flush()
+        done = 0
+        done = self._copy_kernel(src_fd, offset, nbytes, done, name)
+        while done < nbytes:  # portable fallback
+            try:
+                chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), offset + done)
+            except OSError as exc:
+                self.state = WriterState.FAILED
+                raise CheckpointError(
+                    f"cannot read the source of tensor {name!r} (fd {src_fd}): {exc.strerror or exc}; "
+                    "check the base model files"
+                ) from None
+            if not chunk:
+                raise self._short_source(name, src_fd, offset + done)
+            self._write_all(memoryview(chunk))
+            done += len(chunk)
+        self._pos += nbytes
+
+    def _short_source(self, name: str, src_fd: int, at: int) -> CheckpointError:
+        self.state = WriterState.FAILED
+        return CheckpointError(
+            f"source of tensor {name!r} (fd {src_fd}) ended at byte {at}: the base file changed or was truncated "
+            "during the merge; re-download it"
+        )
+
+    def _copy_kernel(self, src_fd: int, offset: int, nbytes: int, done: int, name: str) -> int:
+        """copy_file_range, then sendfile; returns how far they got (the caller finishes with pread/write)."""
+        for method in ("copy_file_range", "sendfile"):
+            func = getattr(os, method, None)
+            if func is None:
+                continue
+            while done < nbytes:
+                count = min(nbytes - done, 1 << 30)
+                try:
+                    if method == "copy_file_range":
+                        n = func(src_fd, self._fd, count, offset + done)  # dst uses and advances the file position
+                    else:
+                        n = func(self._fd, src_fd, offset + done, count)
+                except InterruptedError:  # pragma: no cover
+                    continue
+                except OSError as exc:
+                    if exc.errno in _OUTPUT_ERRNOS:
+                        raise self._fail(exc) from None
+                    if exc.errno in _CONTIGUOUS_FALLBACK_ERRNOS:
+                        break  # not supported for this pair of files: try the next method
+                    raise self._fail(exc) from None
+                if n == 0:
+                    raise self._short_source(name, src_fd, offset + done)
+                done += n
+            if done >= nbytes:
+                break
+        return done
+
+    def close(self) -> None:
+        """Check every tensor got exactly its bytes, flush and fsync. An incomplete file is deleted."""
+        if self.state is WriterState.CLOSED:
+            return
+        if self.state is not WriterState.OPEN:
+            raise WriterStateError(f"{self.path}: cannot close: the writer is {self.state.value}")
+        while self._cursor < len(self.order) and self._done == self.order[self._cursor].nbytes:
+            self._cursor += 1
+            self._done = 0
+        if self._cursor < len(self.order):
+            cur = self.order[self._cursor]
+            self.abort()
+            raise WriterStateError(
+                f"{self.path}: tensor {cur.name!r} got {self._done} of its {cur.nbytes} bytes when the shard was "
+                "closed; the partial file was deleted"
+            )
+        self._flush()
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise self._fail(exc) from None
+        fd, self._fd = self._fd, -1  # close() releases the fd even when it fails: never close it twice
+        try:
+            os.close(fd)
+        except OSError as exc:
+            raise self._fail(exc) from None
+        self.state = WriterState.CLOSED
+
+    def abort(self) -> None:
+        """Close and delete the partial file. Does nothing after a successful close()."""
+        if self.state in (WriterState.CLOSED, WriterState.ABORTED):
+            return
+        self.state = WriterState.ABORTED
+        self._buf = bytearray()
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass  # already gone, or nothing more we can do: the caller reports the original error
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
