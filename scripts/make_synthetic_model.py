@@ -208,7 +208,9 @@ class WeightSource:
             out[pos : pos + take] = self.block[start : start + take]
             pos += take
             start = 0
-        out ^= self.rng.integers(0, 8, size=n, dtype=np.uint16)
+        for i in range(0, n, self.BLOCK):  # in chunks: a full-size noise array would double the peak memory
+            part = out[i : i + self.BLOCK]
+            part ^= self.rng.integers(0, 8, size=part.size, dtype=np.uint16)
         return out.reshape(shape)
 
     def norm(self, shape: tuple[int, ...]) -> np.ndarray:
