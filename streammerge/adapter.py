@@ -1,0 +1,265 @@
+"""Reading PEFT LoRA adapters: adapter_config.json and the weights, lazily.
+
+Weights are never loaded as a whole: safetensors adapters are memory-mapped through the same strict header
+reader as the base, `.bin` adapters go through `torch.load(weights_only=True, mmap=True)` so a pickle can never
+execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import TensorInfo, TensorReader, read_header
+from .errors import AdapterError, MissingFileError, UnsupportedError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+
+# Fields of LoraConfig up to PEFT 0.21 that are metadata or only matter at injection/training time.
+_INERT_FIELDS = {
+    "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout",
+    "megatron_config", "megatron_core", "eva_config", "runtime_config", "use_qalora", "qalora_group_size",
+    "velora_config", "monteclora_config", "lora_ga_config", "loftq_config", "corda_config",
+    "init_lora_weights", "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
+    "fan_in_fan_out", "bias", "lora_bias", "use_dora", "modules_to_save", "layer_replication",
+    "target_parameters", "trainable_token_indices", "ensure_weight_tying", "alora_invocation_tokens",
+    "arrow_config", "kasa_config", "use_bdlora", "enable_lora", "save_embedding_layers",
+    "tied_target_modules", "modules_to_tie",
+}
+
+# init_lora_weights values that rewrite the base weight when PEFT loads the adapter (spec §2.3): merging them
+# into the original base gives different numbers from what was trained.
+_BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The merge-relevant fields of adapter_config.json, with PEFT's defaults for missing ones."""
+
+    path: Path
+    raw: dict[str, Any]
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    fan_in_fan_out: bool
+    modules_to_save: tuple[str, ...]
+    ensure_weight_tying: bool
+    trainable_token_indices: Any
+    target_parameters: tuple[str, ...]
+
+    def resolve_r(self, name: str) -> int:
+        """r for a module name with PEFT >= 0.15's pattern rule (first key in file order wins)."""
+        key = pattern_key(self.rank_pattern, name)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def resolve_alpha(self, name: str) -> float:
+        key = pattern_key(self.alpha_pattern, name)
+        return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
+
+    def scaling(self, name: str, r: int) -> float:
+        """PEFT's `s`: alpha/r, or alpha/sqrt(r) with rsLoRA, alpha resolved per module."""
+        alpha = self.resolve_alpha(name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
+    """The first pattern key matching `name` as PEFT >= 0.15 does (`(.*\\.)?(key)$`), or None."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return None
+
+
+@dataclass
+class Adapter:
+    """A PEFT adapter: its config and lazily readable tensors (name -> shape/dtype known up front)."""
+
+    root: Path
+    config: AdapterConfig
+    weights_path: Path
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype]
+    _infos: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
+    _loaded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _reader: TensorReader | None = field(default=None, repr=False)
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor stored under `key` (a zero-copy view where possible)."""
+        if key in self._loaded:
+            return self._loaded[key]
+        if self._reader is None:
+            self._reader = TensorReader()
+        return self._reader.tensor(self._infos[key])
+
+    def get_f32(self, key: str) -> torch.Tensor:
+        return self.get(key).to(torch.float32)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+
+def load_adapter_config(root: Path) -> AdapterConfig:
+    """Read and validate adapter_config.json; refuse what cannot be merged into a checkpoint."""
+    path = root / CONFIG_NAME
+    if not path.is_file():
+        raise MissingFileError(
+            f"{path}: no adapter_config.json in the adapter folder; point --adapter at the folder PEFT's "
+            "save_pretrained wrote (adapters saved under a name live in a sub-folder of that name)"
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path}: not valid JSON ({e}); re-save or re-download the adapter") from e
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{path}: expected a JSON object; re-save or re-download the adapter")
+
+    peft_type = str(raw.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise UnsupportedError(
+            f"{path}: peft_type {peft_type!r} is not supported (streammerge merges LoRA adapters, incl. rsLoRA "
+            "and DoRA); merge it with PEFT's merge_and_unload instead"
+        )
+    _refuse_unmergeable(path, raw)
+
+    unknown = sorted(set(raw) - _INERT_FIELDS)
+    if unknown:
+        warnings.warn(
+            f"{path}: unknown adapter_config fields {unknown} (from another PEFT version?) were ignored",
+            stacklevel=2,
+        )
+
+    def typed(name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        value = raw.get(name, default)
+        if value is None:
+            return default
+        if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, (int, float)):
+            raise AdapterError(f"{path}: field {name!r} has value {value!r}; expected {kind}; fix adapter_config.json")
+        return value
+
+    r = typed("r", int, 8)
+    alpha = typed("lora_alpha", (int, float), 8)
+    rank_pattern = typed("rank_pattern", dict, {})
+    alpha_pattern = typed("alpha_pattern", dict, {})
+    for pname, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        for key, value in pattern.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise AdapterError(f"{path}: {pname}[{key!r}] = {value!r} is not a number; fix adapter_config.json")
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise AdapterError(f"{path}: {pname} key {key!r} is not a valid regex ({e})") from e
+    modules_to_save = raw.get("modules_to_save") or ()
+    target_parameters = raw.get("target_parameters") or ()
+    return AdapterConfig(
+        path=path,
+        raw=raw,
+        r=r,
+        lora_alpha=float(alpha),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+        rank_pattern=rank_pattern,
+        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        modules_to_save=tuple(modules_to_save) if isinstance(modules_to_save, (list, tuple)) else (str(modules_to_save),),
+        ensure_weight_tying=bool(raw.get("ensure_weight_tying", False)),
+        trainable_token_indices=raw.get("trainable_token_indices"),
+        target_parameters=tuple(target_parameters),
+    )
+
+
+def _refuse_unmergeable(path: Path, raw: dict[str, Any]) -> None:
+    def refuse(what: str, fix: str) -> None:
+        raise UnsupportedError(f"{path}: {what}; {fix}")
+
+    if raw.get("enable_lora") is not None:
+        refuse("PEFT < 0.3 MergedLinear adapter (enable_lora)", "re-save it with a current PEFT version")
+    if raw.get("layer_replication"):
+        refuse(
+            "layer_replication duplicates layers that share one base weight, so the adapter cannot be merged "
+            "into the original checkpoint",
+            "merge with PEFT and save the expanded model instead",
+        )
+    if raw.get("alora_invocation_tokens"):
+        refuse("aLoRA adapters (alora_invocation_tokens) activate per token and cannot be merged", "serve it unmerged")
+    for name in ("arrow_config", "kasa_config", "use_bdlora"):
+        if raw.get(name):
+            refuse(f"{name} is set; this LoRA variant is not supported", "merge it with PEFT")
+    init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
+        refuse(
+            f"init_lora_weights={init!r} rewrites the base weights when the adapter is loaded, so merging it "
+            "into the original base gives other numbers than were trained",
+            "convert it first with PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)",
+        )
+
+
+def load_adapter(root: Path | str) -> Adapter:
+    """Open a PEFT adapter folder: config plus lazily readable weights."""
+    root = Path(root)
+    if not root.is_dir():
+        raise MissingFileError(f"{root}: adapter folder not found; pass a local folder or a Hugging Face repo id")
+    config = load_adapter_config(root)
+    st_path, bin_path = (root / n for n in WEIGHT_NAMES)
+    if st_path.is_file():
+        infos, _ = read_header(st_path)
+        return Adapter(
+            root=root,
+            config=config,
+            weights_path=st_path,
+            shapes={k: i.shape for k, i in infos.items()},
+            dtypes={k: i.torch_dtype for k, i in infos.items()},
+            _infos=dict(infos),
+        )
+    if bin_path.is_file():
+        tensors = _load_bin(bin_path)
+        return Adapter(
+            root=root,
+            config=config,
+            weights_path=bin_path,
+            shapes={k: tuple(t.shape) for k, t in tensors.items()},
+            dtypes={k: t.dtype for k, t in tensors.items()},
+            _loaded=tensors,
+        )
+    raise MissingFileError(
+        f"{root}: no adapter_model.safetensors or adapter_model.bin; the adapter folder is incomplete, re-download it"
+    )
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # weights_only refuses any pickle that would import or call code; mmap keeps big adapters off the heap.
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise _bin_error(path, e) from e
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e2:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise _bin_error(path, e2) from e2
+    except Exception as e:  # noqa: BLE001 - pickle raises many types for bad or hostile files
+        raise _bin_error(path, e) from e
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+        raise AdapterError(f"{path}: expected a dict of tensors; re-save the adapter with PEFT (safetensors preferred)")
+    return data
+
+
+def _bin_error(path: Path, e: BaseException) -> AdapterError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return AdapterError(
+        f"{path}: cannot be loaded safely ({first[:200]}); only plain tensor pickles are read "
+        "(torch.load weights_only=True); re-save the adapter as adapter_model.safetensors"
+    )

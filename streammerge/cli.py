@@ -1,0 +1,173 @@
+"""`streammerge`: a thin command line over `streammerge.merge` (flag-compatible with qlora-merge's CPU merge)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+
+from .errors import StreamMergeError, one_line
+from .layouts import LOADER_CHOICES
+
+EPILOG = """examples:
+  streammerge --base Qwen/Qwen3-1.7B --adapter ./my-lora --output ./merged
+  streammerge --base ./base --adapter ./lora --output ./merged --dtype f16 --max-shard-size 2GB
+  streammerge --base ./base --adapter ./lora --output ./merged --dry-run
+  streammerge verify --base ./base --adapter ./lora --merged ./merged
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streammerge",
+        description="Merge a PEFT LoRA adapter into a safetensors model tensor by tensor, without loading the model.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--base", required=True, help="local folder or Hugging Face repo id of the full-precision base")
+    p.add_argument("--adapter", required=True, help="local folder or repo id of a PEFT LoRA adapter")
+    p.add_argument("--output", required=True, help="output folder")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32", "auto"],
+                   help="output dtype; auto keeps each tensor's base dtype (default: bf16)")
+    p.add_argument("--loader", default="auto", choices=LOADER_CHOICES,
+                   help="how adapter module names map onto checkpoint names (default: auto-detect)")
+    p.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HF_TOKEN); never printed")
+    p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default: 5GB)")
+    p.add_argument("--max-memory", default=None, help="bound the working memory of the merge, e.g. 256MB")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output")
+    p.add_argument("--dry-run", action="store_true", help="plan and validate, print the plan, write nothing")
+    p.add_argument("--clamp-f16", action="store_true", help="with --dtype f16, clamp values beyond +-65504")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verify", action="store_true", help="after merging, recompute and compare every tensor")
+    return p
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="streammerge verify",
+        description="Recompute base + adapter and compare it with a merged model, tensor by tensor, in ulps.",
+    )
+    p.add_argument("--base", required=True, help="local folder or repo id of the base")
+    p.add_argument("--adapter", required=True, help="local folder or repo id of the adapter")
+    p.add_argument("--merged", required=True, help="the merged model folder to check")
+    p.add_argument("--loader", default="auto", choices=LOADER_CHOICES)
+    p.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HF_TOKEN); never printed")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="recompute only ~N row blocks per tensor (plus first and last) instead of every row")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["verify"]:
+        vargs = build_verify_parser().parse_args(argv[1:])
+        vtoken = vargs.hf_token or os.environ.get("HF_TOKEN") or None
+        return _run(lambda: _verify(vargs, vtoken), vtoken)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    token = args.hf_token or os.environ.get("HF_TOKEN") or None
+    try:
+        from .writer import parse_size
+
+        parse_size(args.max_shard_size)
+        if args.max_memory is not None:
+            parse_size(args.max_memory)
+    except ValueError as e:
+        parser.error(str(e))
+    return _run(lambda: _merge(args, token), token)
+
+
+def _merge(args: argparse.Namespace, token: str | None) -> int:
+    import psutil
+
+    from .api import merge
+    from .memory import fmt_bytes
+
+    vm = psutil.virtual_memory()
+    print(f"Base    : {args.base}")
+    print(f"Adapter : {args.adapter}")
+    print(f"Output  : {args.output}")
+    print(f"Dtype   : {args.dtype}")
+    print(f"Loader  : {args.loader}")
+    print(f"RAM     : {vm.available / 1e9:.1f} GB free / {vm.total / 1e9:.1f} GB total")
+    summary = merge(
+        args.base, args.adapter, args.output, dtype=args.dtype, loader=args.loader,
+        max_shard_size=args.max_shard_size, overwrite=args.overwrite, dry_run=args.dry_run, hf_token=token,
+        progress=not args.no_progress and sys.stderr.isatty(), max_memory=args.max_memory,
+        clamp_f16=args.clamp_f16, log=print,
+    )
+    if args.dry_run:
+        print(f"Dry run: {summary.tensors_merged} tensors would be merged, {summary.tensors_copied} copied, "
+              f"into {len(summary.shards)} shard(s); nothing written.")
+    else:
+        print(f"Done. Merged model: {summary.output}")
+    print(f"Elapsed: {summary.seconds:.1f} s | Peak memory: {fmt_bytes(summary.peak_memory)} (anonymous)")
+    if args.verify and not args.dry_run:
+        from .verify import verify
+
+        print("Verify: recomputing every tensor")
+        return _report(verify(args.base, args.adapter, args.output, loader=args.loader, hf_token=token))
+    return 0
+
+
+def _verify(args: argparse.Namespace, token: str | None) -> int:
+    from .verify import verify
+
+    started = time.perf_counter()
+    report = verify(args.base, args.adapter, args.merged, loader=args.loader, sample_blocks=args.sample,
+                    hf_token=token, log=print)
+    code = _report(report)
+    print(f"Elapsed: {time.perf_counter() - started:.1f} s")
+    return code
+
+
+def _report(report) -> int:
+    from .errors import VerifyError
+
+    rows = sum(c.rows_checked for c in report.checks)
+    worst = report.worst
+    print(f"Checked {len(report.checks)} tensors ({rows} rows); largest difference "
+          f"{worst.max_ulps if worst else 0} ulp{f' in {worst.name}' if worst and worst.max_ulps else ''}")
+    if report.ok:
+        print("Verify: OK, the merged model matches base + adapter exactly")
+        return 0
+    problems = report.problems()
+    raise VerifyError(f"merged model differs from base + adapter ({len(problems)} problem(s)): "
+                      + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+
+
+def _run(action, token: str | None) -> int:
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {_clean(str(message), token)}", file=sys.stderr)
+
+    warnings.showwarning = show_warning
+    try:
+        return action()
+    except StreamMergeError as e:
+        print(f"error: {_clean(str(e), token)}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written to --output", file=sys.stderr)
+        return 130
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        print(f"error: {_clean(where + (e.strerror or str(e)), token)}", file=sys.stderr)
+        return 6
+    except Exception as e:  # noqa: BLE001 - a bug: one line, traceback only on request
+        if os.environ.get("STREAMMERGE_DEBUG"):
+            raise
+        print(f"error: internal error {type(e).__name__}: {_clean(str(e), token)} (a streammerge bug: please report "
+              "it; set STREAMMERGE_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _clean(text: str, token: str | None) -> str:
+    text = one_line(text)
+    return text.replace(token, "***") if token else text
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

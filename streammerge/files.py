@@ -1,0 +1,99 @@
+"""The non-weight files of the output: config (with dtype/tying/vocab fixed), tokenizer, templates, code."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+# other serialisations of the weights: copying them would ship unmerged weights beside the merged ones
+WEIGHT_SUFFIXES = (
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".ot",
+    ".tflite", ".mlmodel", ".pdparams",
+)
+WEIGHT_INDEXES = ("*.safetensors.index.json", "*.bin.index.json", "*.msgpack.index.json", "*.h5.index.json")
+TOKENIZER_PATTERNS = (
+    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken",
+    "spiece.model", "sentencepiece*.model", "tokenizer.model", "chat_template*",
+)
+DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def _is_weight(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return name.endswith(WEIGHT_SUFFIXES) or any(fnmatch.fnmatch(name, p) for p in WEIGHT_INDEXES)
+
+
+def _skipped(rel: str) -> bool:
+    parts = rel.split("/")
+    return any(p.startswith(".") for p in parts) or parts[-1].startswith("adapter_")
+
+
+def is_tokenizer_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, p) for p in TOKENIZER_PATTERNS)
+
+
+def side_files(base_root: Path, adapter_root: Path) -> dict[str, Path]:
+    """Relative output path -> source file: every non-weight file of the base, tokenizer files of the adapter
+    replacing the base's (adapters saved after adding tokens carry the tokenizer that matches them)."""
+    files: dict[str, Path] = {}
+    for path in sorted(base_root.rglob("*")):
+        rel = path.relative_to(base_root).as_posix()
+        if path.is_file() and not _skipped(rel) and not _is_weight(rel):
+            files[rel] = path
+    for path in sorted(adapter_root.iterdir()):
+        if path.is_file() and is_tokenizer_file(path.name):
+            files[path.name] = path
+    return files
+
+
+def copy_side_files(files: dict[str, Path], dest: Path) -> None:
+    for rel, src in files.items():
+        if rel == "config.json":
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+
+
+def updated_config(config: dict[str, Any], dtype_name: str | None, updates: dict[str, Any]) -> dict[str, Any]:
+    """config.json for the output: dtype fields name the output dtype (top level and nested text configs),
+    quantization_config is gone, and the plan's updates (tie_word_embeddings, vocab_size) are applied wherever
+    the key already lives."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "quantization_config":
+            continue
+        if isinstance(value, dict):
+            value = updated_config(value, dtype_name, updates)
+        elif dtype_name is not None and key in ("torch_dtype", "dtype") and isinstance(value, str):
+            value = dtype_name
+        elif key in updates:
+            value = updates[key]
+        out[key] = value
+    return out
+
+
+def output_config(config: dict[str, Any], dtype_name: str | None, updates: dict[str, Any]) -> dict[str, Any]:
+    """The whole config.json the output gets (what write_config writes, and what verify expects)."""
+    new = updated_config(config, dtype_name, updates)
+    if dtype_name is not None and "torch_dtype" not in new and "dtype" not in new:
+        new["torch_dtype"] = dtype_name
+    for key, value in updates.items():
+        if not _has_key(new, key):
+            new[key] = value
+    return new
+
+
+def write_config(src: Path | None, dest: Path, dtype_name: str | None, updates: dict[str, Any]) -> None:
+    if src is None:
+        return
+    config = json.loads(src.read_text(encoding="utf-8"))
+    new = output_config(config, dtype_name, updates)
+    dest.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _has_key(config: dict[str, Any], key: str) -> bool:
+    return key in config or any(isinstance(v, dict) and _has_key(v, key) for v in config.values())

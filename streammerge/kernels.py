@@ -1,0 +1,70 @@
+"""Merge math as pure functions on float32 tensors.
+
+Every function works on a block of rows `[r0, r1)` of a weight viewed as 2-D `[rows, cols]` (ConvNd kernels are
+flattened into cols), so callers can stream any tensor in blocks that stay in cache. Factors are float32 (PEFT
+upcasts the adapter to float32 by default), the weight block is float32, and the caller rounds once to the output
+dtype at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """The full LoRA delta `(B @ A) * s` in float32, shape `[out, in]` (for tests and small tensors)."""
+    return (b.float() @ a.float()) * scale
+
+
+def add_lora_rows(w: Tensor, a: Tensor, b_rows: Tensor, scale: float) -> Tensor:
+    """`w += (B[r0:r1] @ A) * s` for a row block of an `[out, in]` weight (Linear, ConvNd flattened)."""
+    w += (b_rows @ a) * scale
+    return w
+
+
+def add_lora_cols(w: Tensor, a_cols: Tensor, b: Tensor, scale: float) -> Tensor:
+    """`w += (A[:, r0:r1].T @ B.T) * s`: a row block of `(B @ A).T * s`.
+
+    Used where the stored weight is the transpose of `B @ A`: GPT-2 Conv1D (`[in, out]`) and embeddings
+    (`[vocab, dim]` with `A [r, vocab]`, `B [dim, r]`).
+    """
+    w += (a_cols.T @ b.T) * scale
+    return w
+
+
+def add_scaled(w: Tensor, v: Tensor, scale: float) -> Tensor:
+    """`w += s * v` (lora_B.bias onto a bias)."""
+    w += v * scale
+    return w
+
+
+def replace_rows(w: Tensor, local_rows: Tensor, values: Tensor) -> Tensor:
+    """`w[local_rows] = values` (trainable tokens: the saved rows are new values, not deltas)."""
+    w[local_rows] = values
+    return w
+
+
+def dora_rows(w: Tensor, magnitude_rows: Tensor) -> Tensor:
+    """DoRA with the norm per row of the block: `w * (m / ||w||_row)` (Linear `[out, in]`, ConvNd)."""
+    norm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+    w *= magnitude_rows.reshape(-1, 1) / norm
+    return w
+
+
+def column_sq_norms(w: Tensor) -> Tensor:
+    """Sum of squares per column of a block; summed over all blocks it gives DoRA's column norms."""
+    return (w * w).sum(dim=0)
+
+
+def dora_cols(w: Tensor, magnitude: Tensor, col_norms: Tensor) -> Tensor:
+    """DoRA with the norm per column over all rows (Conv1D `[in, out]`, embeddings `[vocab, dim]`)."""
+    w *= (magnitude.reshape(-1) / col_norms).reshape(1, -1)
+    return w
+
+
+def nonfinite_count(t: Tensor) -> int:
+    """How many elements are NaN or +-Inf."""
+    if not t.is_floating_point():
+        return 0
+    return int((~torch.isfinite(t)).sum())

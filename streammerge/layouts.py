@@ -1,0 +1,117 @@
+"""How module names in an adapter map onto tensor names in a checkpoint on disk.
+
+PEFT saves adapter keys under *module* names of the class it was trained with; checkpoints on disk keep the
+names of the class that wrote them, and transformers renames between the two on load (spec §14). A layout is an
+ordered list of regex rewrites from module names to disk names, applied in turn (like transformers'
+`WeightRenaming`s). `auto` tries every layout and keeps the one that places every adapter tensor; two layouts
+that both fit but disagree are an error, never a guess.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+Rule = tuple[str, str]
+
+_VLM_TOP = r"(?!language_model\.|visual\.|vision_tower\.|multi_modal_projector\.|vision_model\.)"
+
+# name -> rewrite rules (module name -> disk name). The plain layout has none.
+LAYOUTS: dict[str, tuple[Rule, ...]] = {
+    "causal-lm": (),
+    # Qwen3.5 / Qwen3_5ForConditionalGeneration (and Qwen3-VL, Gemma3n on disk): the text model lives under
+    # model.language_model, so an adapter trained through AutoModelForCausalLM (model.layers.N...) needs the prefix.
+    "qwen3.5": ((rf"^model\.{_VLM_TOP}", "model.language_model."),),
+    # LLaVA family, Gemma3, Mistral3, ... as written on disk (transformers reverses its renames on save):
+    # language_model.model.*, language_model.lm_head, vision_tower.*, multi_modal_projector.*
+    "llava": (
+        (r"^model\.language_model\.", "language_model.model."),
+        (r"^model\.vision_tower\.", "vision_tower."),
+        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^lm_head\.", "language_model.lm_head."),
+        (rf"^model\.{_VLM_TOP}", "language_model.model."),
+    ),
+    # Qwen2-VL / Qwen2.5-VL on disk: model.* is the text model, visual.* the vision tower.
+    "qwen2-vl": (
+        (r"^model\.language_model\.", "model."),
+        (r"^model\.visual\.", "visual."),
+    ),
+    # an adapter trained on a vision-language class, merged into a text-only checkpoint.
+    "vlm-to-text": ((r"^model\.language_model\.", "model."),),
+    # an adapter created on the inner model (get_peft_model(model.model, ...)): layers.N... -> model.layers.N...
+    "inner-model": ((r"^(?!model\.|lm_head\.)", "model."),),
+}
+
+# Mixtral-family checkpoints keep `block_sparse_moe` on disk; transformers 5 modules say `mlp` (spec §14.3).
+MOE_RULES: tuple[Rule, ...] = ((r"\.mlp\.(experts|gate)\.", r".block_sparse_moe.\1."),)
+
+LOADER_CHOICES = ("auto", *LAYOUTS)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A named set of rewrites from module names to checkpoint names."""
+
+    name: str
+    rules: tuple[Rule, ...]
+
+    def to_disk(self, module_tensor: str) -> str:
+        for pattern, repl in self.rules:
+            module_tensor = re.sub(pattern, repl, module_tensor, count=1)
+        return module_tensor
+
+
+def candidates(loader: str) -> list[Layout]:
+    """The layouts `--loader` allows: one when forced, every known one (with and without MoE renames) for auto."""
+    if loader != "auto":
+        if loader not in LAYOUTS:
+            raise ValueError(f"unknown loader {loader!r}; choose one of {', '.join(LOADER_CHOICES)}")
+        return [Layout(loader, LAYOUTS[loader]), Layout(f"{loader}+moe", LAYOUTS[loader] + MOE_RULES)]
+    out = []
+    for name, rules in LAYOUTS.items():
+        out.append(Layout(name, rules))
+        out.append(Layout(f"{name}+moe", rules + MOE_RULES))
+    return out
+
+
+@dataclass(frozen=True)
+class LayoutChoice:
+    layout: Layout
+    mapping: dict[str, str]          # module-side tensor name -> disk name, for every name that was placed
+    missing: tuple[str, ...]         # module-side names the layout could not place
+
+
+def choose_layout(
+    names: Iterable[str], disk: Mapping[str, object], loader: str, optional: Iterable[str] = ()
+) -> tuple[LayoutChoice, list[LayoutChoice]]:
+    """Pick the layout that places the most names on existing disk tensors.
+
+    Returns the choice and every other layout that placed as many names with a *different* mapping (ambiguity:
+    the caller refuses). Names in `optional` may legitimately be absent (e.g. lm_head of a tied checkpoint) and
+    are mapped by the chosen layout without counting against it.
+    """
+    names = list(dict.fromkeys(names))
+    optional = set(optional)
+    results: list[LayoutChoice] = []
+    for layout in candidates(loader):
+        mapping, missing = {}, []
+        for n in names:
+            d = layout.to_disk(n)
+            if d in disk or n in optional:
+                mapping[n] = d
+            else:
+                missing.append(n)
+        results.append(LayoutChoice(layout, mapping, tuple(missing)))
+    # fewest missing first; among equals the earlier (simpler) layout, so plain names win ties of identical maps
+    results.sort(key=lambda c: len(c.missing))
+    best = results[0]
+
+    def placed(c: LayoutChoice) -> dict[str, str]:
+        return {n: d for n, d in c.mapping.items() if d in disk}
+
+    rivals = [
+        c for c in results[1:]
+        if not best.missing and not c.missing and placed(c) != placed(best)
+    ]
+    return best, rivals

@@ -1,0 +1,315 @@
+"""The merge: resolve inputs, plan, then stream every output tensor into new shards.
+
+I/O stays at this edge; the math is in kernels.py and the decisions are in plan.py.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import kernels
+from .adapter import Adapter, load_adapter
+from .checkpoint import DTYPES, TensorReader, open_checkpoint
+from .errors import NumericError
+from .files import DTYPE_NAMES, copy_side_files, side_files, write_config
+from .hub import resolve
+from .memory import MemoryMonitor, fmt_bytes
+from .output import Staging, check_free_space, check_output
+from .plan import (
+    OUT_DTYPES, BiasAdd, DoraCols, DoraRows, LoraCols, LoraRows, OutTensor, Plan, TokenRows, build_plan,
+)
+from .writer import PlannedTensor, ShardWriter, parse_size, plan_shards, shard_file_names, write_index
+
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_BLOCK_BYTES = 4 * 2**20  # float32 row blocks of ~4 MiB stay in L2/L3; whole-tensor math is ~6x slower
+F16_MAX = 65504.0
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class MergeSummary:
+    """What a merge did (or, for a dry run, would do)."""
+
+    output: Path
+    base: Path
+    adapter: Path
+    layout: str
+    plan: list[OutTensor]
+    shards: list[str]
+    tensors_merged: int
+    tensors_copied: int
+    bytes_written: int
+    seconds: float
+    peak_memory: int
+    files_copied: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+
+def merge(
+    base: str | Path,
+    adapter: str | Path,
+    output: str | Path,
+    *,
+    dtype: str = "bf16",
+    loader: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    dry_run: bool = False,
+    hf_token: str | None = None,
+    progress: bool = False,
+    max_memory: str | int | None = None,
+    clamp_f16: bool = False,
+    log: Log | None = None,
+) -> MergeSummary:
+    """Merge a PEFT LoRA adapter into a safetensors checkpoint, tensor by tensor, into `output`.
+
+    `base` and `adapter` are local folders or Hugging Face repo ids. `dtype` is "bf16", "f16", "f32" or
+    "auto" (keep each tensor's dtype). Nothing is written when `dry_run` is set or when planning finds a
+    problem; the output appears at `output` only when complete.
+    """
+    say = log or (lambda _msg: None)
+    started = time.perf_counter()
+    if dtype not in OUT_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(OUT_DTYPES)}, not {dtype!r}")
+    shard_limit = parse_size(max_shard_size)
+    block_bytes = _block_bytes(max_memory)
+    output = Path(output).expanduser()
+
+    with MemoryMonitor() as mem:
+        if not dry_run:
+            check_output(output, overwrite)
+        base_dir = resolve(base, "base", hf_token)
+        adapter_dir = resolve(adapter, "adapter", hf_token)
+        if not dry_run:
+            check_output(output, overwrite, (base_dir, adapter_dir))
+
+        say("[1/3] Plan: reading headers and matching the adapter to the base")
+        ckpt = open_checkpoint(base_dir)
+        lora = load_adapter(adapter_dir)
+        try:
+            plan = build_plan(ckpt, lora, dtype=dtype, loader=loader)
+            shards = plan_shards([PlannedTensor(t.name, t.dtype, t.shape) for t in plan.tensors], shard_limit)
+            names = shard_file_names(len(shards))
+            merged = plan.merged
+            say(f"      layout {plan.layout}: {plan.adapter_keys} adapter tensors -> {len(merged)} merged tensors; "
+                f"{len(plan.tensors)} tensors in {len(shards)} shard(s), {fmt_bytes(plan.total_bytes)}")
+            for note in plan.notes:
+                say(f"      note: {note}")
+            extra = side_files(base_dir, adapter_dir)
+            summary = MergeSummary(
+                output=output, base=base_dir, adapter=adapter_dir, layout=plan.layout, plan=plan.tensors,
+                shards=names, tensors_merged=len(merged), tensors_copied=len(plan.tensors) - len(merged),
+                bytes_written=0, seconds=0.0, peak_memory=0, files_copied=sorted(extra), notes=plan.notes,
+                dry_run=dry_run,
+            )
+            if dry_run:
+                for t in merged:
+                    say(f"      {t.name} {list(t.shape)} {t.dtype}: {t.describe()}")
+                say("      dry run: nothing written")
+            else:
+                check_free_space(output, plan.total_bytes + sum(p.stat().st_size for p in extra.values()))
+                with Staging(output, overwrite) as staging:
+                    say(f"[2/3] Merge: writing {len(shards)} shard(s)")
+                    written = _write_shards(plan, shards, names, staging.path, lora, block_bytes, progress, mem,
+                                             clamp_f16)
+                    say(f"[3/3] Write: index, config and {len(extra)} file(s)")
+                    if len(shards) > 1:
+                        write_index(staging.path / INDEX_NAME, shards, names)
+                    copy_side_files(extra, staging.path)
+                    _write_output_config(plan, extra.get("config.json"), staging.path, dtype)
+                    staging.commit()
+                summary.bytes_written = written
+        finally:
+            lora.close()
+    summary.seconds = time.perf_counter() - started
+    summary.peak_memory = mem.peak
+    return summary
+
+
+def _block_bytes(max_memory: str | int | None) -> int:
+    if max_memory is None:
+        return DEFAULT_BLOCK_BYTES
+    budget = parse_size(max_memory)
+    # a float32 block lives ~3 times at once (source upcast, delta, output cast): keep that well inside the budget
+    return max(64 * 1024, min(DEFAULT_BLOCK_BYTES, budget // 16))
+
+
+def _write_output_config(plan: Plan, src: Path | None, dest: Path, dtype: str) -> None:
+    out_dtype = OUT_DTYPES[dtype]
+    write_config(src, dest / "config.json", DTYPE_NAMES.get(out_dtype) if out_dtype else None, plan.config_updates)
+
+
+def _write_shards(plan: Plan, shards, names, dest: Path, lora: Adapter, block_bytes: int, progress: bool,
+                  mem: MemoryMonitor, clamp_f16: bool) -> int:
+    by_name = {t.name: t for t in plan.tensors}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
+    written = 0
+    try:
+        with TensorReader() as reader:
+            for shard, name in zip(shards, names):
+                with ShardWriter(dest / name, shard) as writer:
+                    for planned in writer.order:
+                        t = by_name[planned.name]
+                        if bar is not None:
+                            bar.set_postfix_str(f"{t.name[-40:]} | RAM {fmt_bytes(mem.current())}", refresh=False)
+                        n = _emit(t, writer, reader, lora, block_bytes, bar, clamp_f16)
+                        written += n
+    finally:
+        if bar is not None:
+            bar.close()
+    return written
+
+
+def _emit(t: OutTensor, writer: ShardWriter, reader: TensorReader, lora: Adapter, block_bytes: int, bar,
+          clamp_f16: bool = False) -> int:
+    """Write one output tensor: a raw byte copy, or row blocks computed in float32 and rounded once."""
+    if t.raw_copy:
+        writer.copy_from(t.name, reader.fd(t.base.path), t.base.offset, t.base.nbytes)
+        reader.release(t.base)
+        if bar is not None:
+            bar.update(t.nbytes)
+        return t.nbytes
+    total = 0
+    for _r0, _r1, y in merged_rows(t, reader, lora, block_bytes, clamp_f16):
+        writer.write(t.name, y)
+        n = y.numel() * y.element_size()
+        total += n
+        if bar is not None:
+            bar.update(n)
+    if t.base is not None:
+        reader.release(t.base)
+    return total
+
+
+def merged_rows(
+    t: OutTensor, reader: TensorReader, lora: Adapter, block_bytes: int = DEFAULT_BLOCK_BYTES,
+    clamp_f16: bool = False, blocks: Callable[[int, int], bool] | None = None,
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield `(r0, r1, rows)` of the output tensor in the output dtype, as 2-D `[rows, cols]` blocks.
+
+    `blocks(r0, r1)` may skip blocks (verify samples rows); a DoRA column norm still reads every row.
+    """
+    rows = t.shape[0] if t.shape else 1
+    cols = math.prod(t.shape[1:]) if t.shape else 1
+    out_dtype = DTYPES[t.dtype]
+    if t.replacement is not None:
+        whole = lora.get(t.replacement).reshape(rows, cols)
+
+        def source(r0: int, r1: int) -> torch.Tensor:
+            return whole[r0:r1]
+    else:
+        info = t.base
+
+        def source(r0: int, r1: int) -> torch.Tensor:
+            return reader.rows(info, r0, r1).reshape(r1 - r0, cols)
+
+    ops = [_Prepared(op, lora) for op in t.ops]
+    step = max(1, block_bytes // (max(cols, 1) * 4))
+
+    col_norms = None
+    if any(isinstance(p.op, DoraCols) for p in ops):
+        # the norm runs over every row, so it needs its own pass before any row can be written
+        col_sq = torch.zeros(cols, dtype=torch.float64)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            w = source(r0, r1).to(torch.float32, copy=True)
+            for p in ops:
+                if isinstance(p.op, DoraCols):
+                    break
+                p.apply(w, r0, r1, None)
+            col_sq += kernels.column_sq_norms(w).double()
+        col_norms = col_sq.sqrt().float()
+
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        if blocks is not None and not blocks(r0, r1):
+            continue
+        src = source(r0, r1)
+        if ops:
+            # a fresh float32 copy: in-place math must never touch the mapped source pages
+            w = src.to(torch.float32, copy=True)
+            for p in ops:
+                p.apply(w, r0, r1, col_norms)
+            bad = kernels.nonfinite_count(w)
+            if bad:
+                origin = "the base tensor already has NaN/Inf values" if kernels.nonfinite_count(src) else \
+                    "the adapter's delta made them"
+                raise NumericError(f"{t.name}: {bad} NaN/Inf values in the merged rows {r0}..{r1 - 1} ({origin}); "
+                                   "check the base and adapter files")
+        else:
+            w = src
+        if out_dtype == torch.float16 and w.dtype != torch.float16:
+            w = _check_f16(t.name, w, r0, clamp_f16)
+        yield r0, r1, w.to(out_dtype)
+
+
+def _check_f16(name: str, w: torch.Tensor, r0: int, clamp: bool) -> torch.Tensor:
+    """Values that would become +-Inf in float16: refused unless the user opted into clamping."""
+    over = (w.abs() > F16_MAX) & torch.isfinite(w)
+    if not bool(over.any()):
+        return w
+    if clamp:
+        return w.clamp(-F16_MAX, F16_MAX)
+    count = int(over.sum())
+    first = int(over.nonzero()[0][0]) + r0
+    raise NumericError(f"{name}: {count} values exceed the float16 range (first in row {first}); use --dtype bf16 "
+                       "or f32, or pass --clamp-f16 to clamp them to +-65504")
+
+
+class _Prepared:
+    """An op with its adapter tensors loaded once as float32 (they are small: rank x dim)."""
+
+    def __init__(self, op, lora: Adapter) -> None:
+        self.op = op
+        if isinstance(op, (LoraRows, LoraCols)):
+            a, b = _checked(lora, op.a), _checked(lora, op.b)
+            r = a.shape[0]
+            if isinstance(op, LoraRows):
+                self.a, self.b = a.reshape(r, -1), b.reshape(b.shape[0], -1)
+            else:
+                self.a, self.b = a, b
+        elif isinstance(op, TokenRows):
+            values = _checked(lora, op.key).to(DTYPES[op.base_dtype]).float()
+            self.indices = torch.tensor(op.indices, dtype=torch.long)
+            self.values = values
+        elif isinstance(op, (BiasAdd, DoraRows, DoraCols)):
+            self.v = _checked(lora, op.key).reshape(-1)
+
+    def apply(self, w: torch.Tensor, r0: int, r1: int, col_norms: torch.Tensor | None) -> None:
+        op = self.op
+        if isinstance(op, LoraRows):
+            kernels.add_lora_rows(w, self.a, self.b[r0:r1], op.scale)
+        elif isinstance(op, LoraCols):
+            kernels.add_lora_cols(w, self.a[:, r0:r1], self.b, op.scale)
+        elif isinstance(op, BiasAdd):
+            kernels.add_scaled(w, self.v[r0:r1].reshape(-1, 1), op.scale)
+        elif isinstance(op, TokenRows):
+            sel = (self.indices >= r0) & (self.indices < r1)
+            if bool(sel.any()):
+                kernels.replace_rows(w, self.indices[sel] - r0, self.values[sel])
+        elif isinstance(op, DoraRows):
+            kernels.dora_rows(w, self.v[r0:r1])
+        elif isinstance(op, DoraCols):
+            if col_norms is not None:
+                kernels.dora_cols(w, self.v, col_norms)
+
+
+def _checked(lora: Adapter, key: str) -> torch.Tensor:
+    t = lora.get_f32(key)
+    bad = kernels.nonfinite_count(t)
+    if bad:
+        raise NumericError(f"{lora.weights_path}: adapter tensor {key} has {bad} NaN/Inf values (training diverged?); "
+                           "use an earlier checkpoint of the adapter")
+    return t

@@ -1,0 +1,589 @@
+"""Planning: match every adapter tensor to the checkpoint and check every shape before any byte is written.
+
+The plan is a list of output tensors in checkpoint order, each with its source (a base tensor, or an adapter
+tensor that replaces it) and the operations that turn the source into the merged tensor. Every adapter key is
+consumed exactly once; anything left over, ambiguous or mis-shaped is reported in a single PlanError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import Adapter
+from .checkpoint import ITEMSIZE, TORCH_TO_ST, Checkpoint, TensorInfo
+from .errors import AdapterError, PlanError, UnsupportedError
+from .layouts import choose_layout
+
+PREFIX = "base_model.model."
+
+# exact key suffixes of PEFT's LoRA format (spec §1.2), longest first so no suffix shadows another
+ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
+    (".token_adapter.trainable_tokens_delta", "tokens"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".lora_embedding_A", "emb_A"),
+    (".lora_embedding_B", "emb_B"),
+    (".base_layer.weight", "base_weight"),
+    (".base_layer.bias", "base_bias"),
+    (".lora_A.weight", "A"),
+    (".lora_B.weight", "B"),
+    (".lora_B.bias", "lora_bias"),
+)
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+OUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32", "auto": None}
+ST_TO_TORCH_NAME = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+# model types whose linear layers are transformers' Conv1D ([in, out] weights, spec §5)
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "convbert"}
+# disk names of input embeddings, for tied checkpoints
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# operations: data only; the engine applies them with kernels.py
+
+
+@dataclass(frozen=True)
+class LoraRows:
+    """`W[r0:r1] += B[r0:r1] @ A * s` on the weight viewed as `[out, in]` (Linear, ConvNd)."""
+
+    a: str
+    b: str
+    scale: float
+    module: str
+
+    def describe(self) -> str:
+        return f"lora({self.module}, s={self.scale:g})"
+
+
+@dataclass(frozen=True)
+class LoraCols:
+    """`W[r0:r1] += (A[:, r0:r1].T @ B.T) * s`: Conv1D `[in, out]` and embedding `[vocab, dim]` weights."""
+
+    a: str
+    b: str
+    scale: float
+    module: str
+
+    def describe(self) -> str:
+        return f"lora-T({self.module}, s={self.scale:g})"
+
+
+@dataclass(frozen=True)
+class BiasAdd:
+    key: str
+    scale: float
+
+    def describe(self) -> str:
+        return f"lora_bias(s={self.scale:g})"
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Trainable-token rows: new values for the listed rows (rounded to the base dtype first, as PEFT does)."""
+
+    key: str
+    indices: tuple[int, ...]
+    base_dtype: str
+
+    def describe(self) -> str:
+        return f"tokens({len(self.indices)} rows)"
+
+
+@dataclass(frozen=True)
+class DoraRows:
+    """DoRA magnitude, norm per row of `W + dW` (Linear, ConvNd)."""
+
+    key: str
+
+    def describe(self) -> str:
+        return "dora(rows)"
+
+
+@dataclass(frozen=True)
+class DoraCols:
+    """DoRA magnitude, norm per column over all rows: needs a first pass over the whole tensor."""
+
+    key: str
+
+    def describe(self) -> str:
+        return "dora(cols, 2 passes)"
+
+
+Op = LoraRows | LoraCols | BiasAdd | TokenRows | DoraRows | DoraCols
+
+
+@dataclass
+class OutTensor:
+    """One tensor of the output: where its rows come from and what is done to them."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    base: TensorInfo | None                  # base tensor the rows come from (None: from the adapter)
+    replacement: str | None = None           # adapter key whose values replace the base tensor
+    ops: list[Op] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * ITEMSIZE[self.dtype]
+
+    @property
+    def source_dtype(self) -> str:
+        return self.base.dtype if self.replacement is None else ""
+
+    @property
+    def raw_copy(self) -> bool:
+        return self.replacement is None and not self.ops and self.base is not None and self.base.dtype == self.dtype
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.ops) or self.replacement is not None
+
+    def describe(self) -> str:
+        parts = [f"replace({self.replacement})"] if self.replacement else []
+        parts += [op.describe() for op in self.ops]
+        if not parts:
+            parts = ["copy" if self.raw_copy else f"cast {self.base.dtype if self.base else '?'}->{self.dtype}"]
+        return " + ".join(parts)
+
+
+@dataclass
+class Plan:
+    tensors: list[OutTensor]
+    layout: str
+    config_updates: dict[str, Any]
+    notes: list[str]
+    adapter_keys: int
+
+    @property
+    def merged(self) -> list[OutTensor]:
+        return [t for t in self.tensors if t.merged]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Module:
+    name: str
+    roles: dict[str, str] = field(default_factory=dict)  # role -> adapter key
+
+
+def read_base_config(root: Path) -> dict[str, Any]:
+    """config.json of the base, or {} when it has none."""
+    path = root / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path}: base config.json is not valid JSON ({e}); re-download the base") from e
+    return data if isinstance(data, dict) else {}
+
+
+def _config_values(config: dict[str, Any], key: str) -> list[Any]:
+    """`key` at the top level and in nested *_config dicts (text_config of vision-language models)."""
+    found = [config[key]] if key in config else []
+    for v in config.values():
+        if isinstance(v, dict):
+            found += _config_values(v, key)
+    return found
+
+
+def output_dtype(choice: str, base_dtype: str) -> str:
+    """The safetensors dtype a tensor is written in for --dtype `choice` (non-float tensors keep theirs)."""
+    if choice not in OUT_DTYPES:
+        raise ValueError(f"unknown dtype {choice!r}; choose one of {', '.join(OUT_DTYPES)}")
+    target = OUT_DTYPES[choice]
+    if target is None or base_dtype not in FLOAT_DTYPES:
+        return base_dtype
+    return target
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """(module name, role) for a LoRA key, or (key, None) for a full-replacement tensor."""
+    for suffix, role in ROLE_SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return key, None
+
+
+def strip_prefix(keys: list[str], where: Path) -> dict[str, str]:
+    """Adapter key -> key without PEFT's `base_model.model.` prefix (absent in save_peft_format=False files)."""
+    with_prefix = [k for k in keys if k.startswith(PREFIX)]
+    if with_prefix and len(with_prefix) != len(keys):
+        odd = sorted(set(keys) - set(with_prefix))[:5]
+        raise AdapterError(f"{where}: some keys lack the '{PREFIX}' prefix ({odd}); the adapter file is inconsistent")
+    if with_prefix:
+        return {k: k[len(PREFIX):] for k in keys}
+    if any(k.startswith("base_model.") for k in keys):
+        # adapters saved from a LoraModel directly: base_model.<module>
+        return {k: k[len("base_model."):] if k.startswith("base_model.") else k for k in keys}
+    return {k: k for k in keys}
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.hint = "the adapter was trained on another model, or for another size of it"
+
+    def add(self, text: str) -> None:
+        self.items.append(text)
+
+    def raise_if_any(self, adapter: Adapter, base_root: Path) -> None:
+        if not self.items:
+            return
+        head = f"adapter {adapter.weights_path} does not fit base {base_root} ({len(self.items)} problem(s))"
+        shown = self.items[:20]
+        more = f"; ... and {len(self.items) - 20} more" if len(self.items) > 20 else ""
+        raise PlanError(head + ": " + "; ".join(shown) + more + f". Likely cause: {self.hint}")
+
+
+def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loader: str = "auto") -> Plan:
+    """Match, check and plan the whole merge from headers and configs only."""
+    cfg = adapter.config
+    base_config = read_base_config(ckpt.root)
+    model_type = str(base_config.get("model_type", ""))
+    problems = _Problems()
+    notes: list[str] = []
+
+    if cfg.target_parameters:
+        raise UnsupportedError(
+            f"{cfg.path}: target_parameters (LoRA on fused MoE expert parameters) is not supported yet; "
+            "merge it with PEFT"
+        )
+
+    for name, info in ckpt.tensors.items():
+        if info.dtype.startswith("F8") or info.dtype.startswith("F4"):
+            raise UnsupportedError(
+                f"{info.path}: tensor {name} is {info.dtype}: quantized bases are not supported; merge into the "
+                "full-precision (bf16/f16/f32) base"
+            )
+
+    stripped = strip_prefix(list(adapter.shapes), adapter.weights_path)
+    modules: dict[str, _Module] = {}
+    replacements: dict[str, str] = {}  # module-side tensor name -> adapter key
+    for key, short in stripped.items():
+        mod, role = split_key(short)
+        if role is None:
+            replacements[short] = key
+            continue
+        m = modules.setdefault(mod, _Module(mod))
+        if role in m.roles:
+            problems.add(f"{mod}: two tensors for {role} ({m.roles[role]}, {key})")
+        m.roles[role] = key
+
+    # base_layer.* are the wrapped module's own tensors saved with the adapter: they replace the checkpoint's
+    for m in modules.values():
+        for role, param in (("base_weight", "weight"), ("base_bias", "bias")):
+            if role in m.roles:
+                target = f"{m.name}.{param}"
+                if target in replacements:
+                    problems.add(f"{target}: saved twice ({replacements[target]}, {m.roles[role]})")
+                replacements[target] = m.roles.pop(role)
+    modules = {n: m for n, m in modules.items() if m.roles}
+
+    for m in modules.values():
+        if m.roles.keys() & {"A", "B"} and m.roles.keys() & {"emb_A", "emb_B"}:
+            problems.add(f"{m.name}: both lora_A/B and lora_embedding_A/B are saved; the adapter file is corrupt")
+
+    # every module-side tensor name the adapter touches
+    wanted: list[str] = []
+    for m in modules.values():
+        if m.roles.keys() & {"A", "B", "emb_A", "emb_B", "magnitude", "tokens"}:
+            wanted.append(f"{m.name}.weight")
+        if "lora_bias" in m.roles:
+            wanted.append(f"{m.name}.bias")
+    wanted += list(replacements)
+
+    tie_flags = _config_values(base_config, "tie_word_embeddings")
+    tied_config = bool(tie_flags[0]) if tie_flags else False
+    optional = {n for n in wanted if n.split(".")[-2:-1] == ["lm_head"]} if tied_config else set()
+
+    choice, rivals = choose_layout(wanted, ckpt.tensors, loader, optional=optional)
+    if rivals:
+        alts = ", ".join(sorted({c.layout.name for c in rivals}))
+        raise PlanError(
+            f"adapter {adapter.weights_path}: its module names fit base {ckpt.root} in more than one way "
+            f"(layouts {choice.layout.name}, {alts}); pass --loader to say which"
+        )
+    to_disk = choice.layout.to_disk
+    if choice.missing:
+        tried = f"--loader {loader}" if loader != "auto" else "every known --loader layout"
+        for n in choice.missing:
+            problems.add(f"{n}: no tensor {to_disk(n)} in the base")
+        problems.hint = (f"the adapter is for another model (tried {tried}); check --base, or pass the --loader "
+                         "that matches the checkpoint's naming")
+        problems.raise_if_any(adapter, ckpt.root)
+
+    input_embedding = _find_input_embedding(ckpt, to_disk)
+    tied = tied_config and input_embedding is not None and any(
+        to_disk(n) not in ckpt.tensors for n in optional
+    )
+
+    out: dict[str, OutTensor] = {}
+    for name, info in ckpt.tensors.items():
+        out[name] = OutTensor(name, output_dtype(dtype, info.dtype), info.shape, info)
+    new_tensors: list[str] = []
+    config_updates: dict[str, Any] = {}
+
+    def target(module_tensor: str) -> OutTensor | None:
+        disk = to_disk(module_tensor)
+        if disk in out:
+            return out[disk]
+        if tied and module_tensor in optional:
+            # a tied checkpoint stores no output embedding: it starts as a copy of the input embedding
+            emb = ckpt.tensors[input_embedding]
+            out[disk] = OutTensor(disk, output_dtype(dtype, emb.dtype), emb.shape, emb)
+            new_tensors.append(disk)
+            return out[disk]
+        problems.add(f"{module_tensor}: no tensor {disk} in the base")
+        return None
+
+    # 1. full replacements (modules_to_save, base_layer.*, bias="all")
+    ensure_tying = cfg.ensure_weight_tying
+    for module_tensor, key in replacements.items():
+        shape = adapter.shapes[key]
+        if tied and module_tensor in optional:
+            emb_module = _module_tensor_of(input_embedding, replacements, to_disk)
+            if emb_module is not None and _same_values(adapter, key, replacements[emb_module]):
+                # the head is saved as a copy of the (replaced) tied embedding: one tensor, still tied
+                notes.append(f"{key} equals the tied input embedding; kept tied")
+                continue
+        t = target(module_tensor)
+        if t is None:
+            continue
+        vocab_like = t.name == input_embedding or module_tensor.split(".")[-2:-1] == ["lm_head"]
+        if shape != t.shape and not (vocab_like and len(shape) == 2 and shape[1:] == t.shape[1:]):
+            problems.add(f"{module_tensor}: adapter tensor {key} has shape {list(shape)} but base {t.name} is "
+                         f"{list(t.shape)}")
+            continue
+        t.replacement = key
+        t.shape = shape
+        src = TORCH_TO_ST.get(adapter.dtypes[key])
+        if src is None:
+            problems.add(f"{key}: dtype {adapter.dtypes[key]} cannot be written")
+            continue
+        t.dtype = output_dtype(dtype, t.base.dtype if t.base is not None else src)
+
+    # 2. trainable tokens, 3. LoRA deltas, DoRA, lora_bias
+    used_head_clones: set[str] = set()
+    if ensure_tying and tied:
+        used_head_clones = _ensure_tying_clones(modules, adapter, to_disk, input_embedding, optional, problems)
+    for m in modules.values():
+        if m.name in used_head_clones:
+            continue
+        _plan_module(m, adapter, cfg, model_type, target, problems)
+
+    problems.raise_if_any(adapter, ckpt.root)
+
+    # tied embeddings: say what the adapter model computes (spec §11)
+    if tied:
+        heads = [out[n] for n in new_tensors]
+        emb = out[input_embedding]
+        if heads and (emb.merged or any(h.merged for h in heads)):
+            config_updates["tie_word_embeddings"] = False
+            notes.append("input and output embeddings now differ: wrote lm_head and set tie_word_embeddings=false")
+        elif emb.merged and not heads:
+            if ensure_tying:
+                notes.append("ensure_weight_tying: embedding merged once, still tied")
+            else:
+                head = to_disk("lm_head.weight")
+                einfo = ckpt.tensors[input_embedding]
+                # the head keeps the embedding as it was before the LoRA (incl. a saved, resized base_layer)
+                out[head] = OutTensor(head, emb.dtype, emb.shape, einfo, replacement=emb.replacement)
+                new_tensors.append(head)
+                config_updates["tie_word_embeddings"] = False
+                notes.append(f"LoRA changed the tied input embedding only: wrote {head} = the unchanged "
+                             "embedding and set tie_word_embeddings=false")
+    if input_embedding is not None and out[input_embedding].replacement is not None:
+        vocab = out[input_embedding].shape[0]
+        if vocab not in _config_values(base_config, "vocab_size"):
+            config_updates["vocab_size"] = vocab
+            notes.append(f"vocabulary resized to {vocab} rows by the adapter")
+
+    tensors = [out[n] for n in ckpt.tensors] + [out[n] for n in new_tensors]
+    return Plan(tensors, choice.layout.name, config_updates, notes, len(adapter.shapes))
+
+
+def _find_input_embedding(ckpt: Checkpoint, to_disk) -> str | None:
+    for suffix in INPUT_EMBEDDING_SUFFIXES:
+        hits = [n for n in ckpt.tensors if n == suffix or n.endswith("." + suffix)]
+        if len(hits) == 1:
+            return hits[0]
+        if len(hits) > 1:
+            # a VLM with several towers: the language model's embedding is the one the layout maps model.* to
+            preferred = to_disk("model." + suffix)
+            if preferred in hits:
+                return preferred
+    return None
+
+
+def _module_tensor_of(disk_name: str | None, replacements: dict[str, str], to_disk) -> str | None:
+    for module_tensor in replacements:
+        if to_disk(module_tensor) == disk_name:
+            return module_tensor
+    return None
+
+
+def _same_values(adapter: Adapter, k1: str, k2: str) -> bool:
+    return adapter.shapes[k1] == adapter.shapes[k2] and torch.equal(adapter.get(k1), adapter.get(k2))
+
+
+def _ensure_tying_clones(modules, adapter, to_disk, input_embedding, optional, problems) -> set[str]:
+    """With ensure_weight_tying PEFT saves the embedding LoRA twice (as lm_head factors too); use it once."""
+    heads = [m for m in modules.values() if f"{m.name}.weight" in optional]
+    embs = [m for m in modules.values() if to_disk(f"{m.name}.weight") == input_embedding]
+    if not heads or not embs:
+        return set()
+    head, emb = heads[0], embs[0]
+    if not ({"A", "B"} <= head.roles.keys() and {"emb_A", "emb_B"} <= emb.roles.keys()):
+        return set()
+    same = torch.equal(adapter.get(head.roles["A"]), adapter.get(emb.roles["emb_B"]).T) and torch.equal(
+        adapter.get(head.roles["B"]), adapter.get(emb.roles["emb_A"]).T
+    )
+    if not same:
+        problems.add(f"{head.name}: ensure_weight_tying is set but its LoRA factors are not the tied embedding's; "
+                     "the adapter is inconsistent")
+        return set()
+    return {head.name}
+
+
+def _plan_module(m: _Module, adapter: Adapter, cfg, model_type: str, target, problems: _Problems) -> None:
+    roles = m.roles
+    shapes = adapter.shapes
+    if "tokens" in roles:
+        t = target(f"{m.name}.weight")
+        if t is not None:
+            indices = _token_indices(cfg.trainable_token_indices, m.name)
+            shape = shapes[roles["tokens"]]
+            if indices is None:
+                problems.add(f"{m.name}: trainable_tokens_delta saved but trainable_token_indices in "
+                             "adapter_config.json does not name this module")
+            elif len(shape) != 2 or shape[0] != len(indices) or shape[1] != t.shape[1]:
+                problems.add(f"{m.name}: trainable_tokens_delta has shape {list(shape)}, expected "
+                             f"[{len(indices)}, {t.shape[1]}]")
+            elif max(indices) >= t.shape[0] or min(indices) < 0:
+                problems.add(f"{m.name}: a trainable token index is outside the {t.shape[0]}-row embedding")
+            else:
+                base_dtype = t.base.dtype if t.base is not None else t.dtype
+                t.ops.append(TokenRows(roles["tokens"], tuple(indices), base_dtype))
+
+    pair = ("A", "B") if {"A", "B"} & roles.keys() else ("emb_A", "emb_B") if {"emb_A", "emb_B"} & roles.keys() else None
+    if pair is None:
+        for role in ("magnitude", "lora_bias"):
+            if role in roles:
+                problems.add(f"{m.name}: {roles[role]} has no lora_A/lora_B pair; the adapter file is incomplete")
+        return
+    a_role, b_role = pair
+    if a_role not in roles or b_role not in roles:
+        have, lack = (a_role, b_role) if a_role in roles else (b_role, a_role)
+        problems.add(f"{m.name}: {roles[have]} is saved without its {lack.replace('emb_', 'lora_embedding_')}; "
+                     "the adapter file is incomplete")
+        return
+    a_key, b_key = roles[a_role], roles[b_role]
+    a_shape, b_shape = shapes[a_key], shapes[b_key]
+    t = target(f"{m.name}.weight")
+    if t is None:
+        return
+    if t.base is not None and t.base.dtype not in FLOAT_DTYPES and t.replacement is None:
+        problems.add(f"{m.name}: base tensor {t.name} is {t.base.dtype}, not a float weight; is the base quantized?")
+        return
+    r = a_shape[0] if a_shape else 0
+    rank_key = m.name
+    expected_r = cfg.resolve_r(rank_key)
+    if a_role == "emb_A":
+        ok = len(a_shape) == 2 and len(b_shape) == 2 and b_shape[1] == r and t.shape == (a_shape[1], b_shape[0])
+        if not ok:
+            problems.add(f"{m.name}: lora_embedding_A {list(a_shape)} / lora_embedding_B {list(b_shape)} do not fit "
+                         f"embedding {t.name} {list(t.shape)}")
+            return
+        kind = "cols"
+    else:
+        kind = _linear_kind(m.name, a_shape, b_shape, t.shape, model_type, cfg.fan_in_fan_out)
+        if kind is None:
+            problems.add(f"{m.name}: lora_A {list(a_shape)} / lora_B {list(b_shape)} do not fit base {t.name} "
+                         f"{list(t.shape)}")
+            return
+        if kind == "grouped":
+            raise UnsupportedError(f"{adapter.weights_path}: {m.name} is a grouped convolution (groups > 1); PEFT "
+                                   "cannot merge LoRA into it either")
+    if r != expected_r:
+        problems.add(f"{m.name}: lora_A has rank {r} but adapter_config.json says r={expected_r} for it "
+                     "(r / rank_pattern); the config and weights disagree")
+        return
+    scale = cfg.scaling(rank_key, r)
+    t.ops.append((LoraCols if kind == "cols" else LoraRows)(a_key, b_key, scale, m.name))
+
+    if "magnitude" in roles:
+        mkey = roles["magnitude"]
+        n = math.prod(shapes[mkey])
+        if kind == "cols":
+            expected = t.shape[1]
+            op: Op = DoraCols(mkey)
+        else:
+            expected = t.shape[0]
+            op = DoraRows(mkey)
+        if n != expected:
+            problems.add(f"{m.name}: lora_magnitude_vector has {n} values, expected {expected} for {t.name} "
+                         f"{list(t.shape)}")
+        else:
+            t.ops.append(op)
+    if "lora_bias" in roles:
+        bkey = roles["lora_bias"]
+        bt = target(f"{m.name}.bias")
+        if bt is not None:
+            if shapes[bkey] != bt.shape:
+                problems.add(f"{m.name}: lora_B.bias {list(shapes[bkey])} does not fit {bt.name} {list(bt.shape)}")
+            else:
+                bt.ops.append(BiasAdd(bkey, scale))
+
+
+def _linear_kind(name: str, a: tuple, b: tuple, w: tuple, model_type: str, fan_in_fan_out: bool) -> str | None:
+    """'rows' for [out, in] weights, 'cols' for Conv1D [in, out], 'grouped' for grouped convs, None if no fit."""
+    if len(a) < 2 or len(b) < 2 or b[1] != a[0] and len(w) <= 2:
+        return None
+    r = a[0]
+    if len(w) > 2:  # ConvNd: A [r, in, *k], B [out, r/groups, 1...]
+        if b[0] != w[0] or a[1:] != w[1:] or any(d != 1 for d in b[2:]) or len(b) != len(w):
+            return None
+        return "grouped" if b[1] != r else "rows"
+    if b[1] != r or len(w) != 2:
+        return None
+    out_dim, in_dim = b[0], a[1]
+    linear = w == (out_dim, in_dim)
+    conv1d = w == (in_dim, out_dim)
+    if linear and conv1d:  # square: only the architecture can tell
+        is_conv1d = model_type in CONV1D_MODEL_TYPES and not name.endswith("lm_head")
+        if not model_type:
+            is_conv1d = fan_in_fan_out
+        return "cols" if is_conv1d else "rows"
+    if linear:
+        return "rows"
+    if conv1d:
+        return "cols"
+    return None
+
+
+def _token_indices(spec: Any, module: str) -> list[int] | None:
+    if isinstance(spec, list):
+        return [int(i) for i in spec]
+    if isinstance(spec, dict):
+        for key, value in spec.items():
+            if module == key or module.endswith("." + key):
+                return [int(i) for i in value]
+    return None
