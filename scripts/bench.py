@@ -1,0 +1,469 @@
+#!/usr/bin/env python
+"""Benchmark streammerge against `cp -r` (the I/O floor) and the PEFT full-load merge, in one run.
+
+    python scripts/bench.py --base DIR --adapter DIR [--rounds 3] [--work DIR] [--peft/--no-peft]
+        [--extra-args "--max-memory 256MB"] [--label NAME] [--out docs/performance.md] [--verify/--no-verify]
+
+Each round runs, alternating, (a) `cp -r BASE WORK/cp-out`, (b) `python -m streammerge ... --output WORK/sm-out
+--overwrite EXTRA`, (c) when transformers and peft are importable and --no-peft is not given, the PEFT path
+(from_pretrained bf16 -> PeftModel.from_pretrained -> merge_and_unload -> save_pretrained + tokenizer copy) in a
+subprocess. Page cache is not dropped: one untimed `cp -r` of the base (and a read of the adapter) warms it first,
+so every contender reads from a warm cache. Outputs are deleted and `sync` is run between runs, outside the timed
+region, so no contender pays for another's write-back.
+
+For each command: wall time, and peak *anonymous* memory = the largest sum of RssAnon over the process and all its
+descendants, sampled every ~20 ms from /proc (file-backed mmap pages, e.g. safetensors shards, do not count);
+peak total RSS is recorded for information. The report (stdout and a markdown section appended to --out) gives
+every round, the medians, and the medians of the per-round ratios streammerge/cp and peft/streammerge.
+Exits non-zero when streammerge fails (the failure is reported, the other contenders still run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.util
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# --------------------------------------------------------------------------------------------------------------
+# memory sampling
+
+
+def _children_map() -> dict[int, list[int]]:
+    """ppid -> [pid] for every process, from /proc/<pid>/stat."""
+    kids: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:  # exited meanwhile
+            continue
+        # "pid (comm) state ppid ...": comm may contain spaces and parentheses, so split after the last ')'
+        rest = stat[stat.rfind(b")") + 2 :].split()
+        kids.setdefault(int(rest[1]), []).append(int(entry.name))
+    return kids
+
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants (by ppid chains)."""
+    kids = _children_map()
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(kids.get(pid, ()))
+    return out
+
+
+def read_mem(pid: int) -> tuple[int, int]:
+    """(RssAnon, VmRSS) of one process in bytes; (0, 0) if it is gone or a zombie."""
+    anon = rss = 0
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+                elif line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return anon, rss
+
+
+def tree_mem(root: int) -> tuple[int, int]:
+    """Summed (RssAnon, VmRSS) of root and its descendants, in bytes."""
+    anon = rss = 0
+    for pid in process_tree(root):
+        a, r = read_mem(pid)
+        anon += a
+        rss += r
+    return anon, rss
+
+
+@dataclass
+class RunResult:
+    cmd: list[str]
+    returncode: int
+    wall: float  # seconds
+    peak_anon: int  # bytes, summed over the process tree
+    peak_rss: int
+    samples: int
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def run_measured(cmd: list[str], *, interval: float = 0.02, env: dict | None = None, cwd: str | None = None,
+                 timeout: float | None = None, log_dir: Path | None = None, name: str = "run") -> RunResult:
+    """Run cmd, sampling the memory of its process tree every `interval` seconds until it exits.
+
+    stdout/stderr go to files (in log_dir, or a temp dir) so a chatty child can never block on a full pipe."""
+    import tempfile
+
+    tmp = None
+    if log_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="bench-")
+        log_dir = Path(tmp.name)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out_p, err_p = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
+    peak_anon = peak_rss = samples = 0
+    with open(out_p, "wb") as out_f, open(err_p, "wb") as err_f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
+        try:
+            while True:
+                anon, rss = tree_mem(proc.pid)
+                samples += 1
+                peak_anon, peak_rss = max(peak_anon, anon), max(peak_rss, rss)
+                try:
+                    proc.wait(timeout=interval)  # returns as soon as the child exits: exact wall time
+                    break
+                except subprocess.TimeoutExpired:
+                    if timeout is not None and time.perf_counter() - t0 > timeout:
+                        proc.kill()
+                        proc.wait()
+                        break
+            wall = time.perf_counter() - t0
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    res = RunResult(cmd, proc.returncode, wall, peak_anon, peak_rss, samples,
+                    out_p.read_text(errors="replace"), err_p.read_text(errors="replace"))
+    if tmp is not None:
+        tmp.cleanup()
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------------
+# contenders
+
+PEFT_SCRIPT = r"""
+import inspect, os, shutil, sys
+import torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, low_cpu_mem_usage=True)
+model = PeftModel.from_pretrained(model, adapter)
+model = model.merge_and_unload()
+kw = {"safe_serialization": True} if "safe_serialization" in inspect.signature(model.save_pretrained).parameters else {}
+model.save_pretrained(out, **kw)
+for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+             "tokenizer.model", "added_tokens.json", "chat_template.jinja"):
+    if os.path.exists(os.path.join(base, name)):
+        shutil.copy2(os.path.join(base, name), os.path.join(out, name))
+print("Done. Merged model:", out)
+"""
+
+
+def have_peft_stack(python: str) -> bool:
+    if python == sys.executable:
+        return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
+    r = subprocess.run([python, "-c", "import torch, transformers, peft"], capture_output=True)
+    return r.returncode == 0
+
+
+def rm(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def settle() -> None:
+    """Flush dirty pages of the previous run outside any timed region."""
+    subprocess.run(["sync"], check=False)
+
+
+def warm_cache(base: Path, adapter: Path, work: Path) -> float:
+    t0 = time.perf_counter()
+    tgt = work / "warmup-cp"
+    rm(tgt)
+    subprocess.run(["cp", "-r", str(base), str(tgt)], check=True)
+    for p in adapter.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+    rm(tgt)
+    settle()
+    return time.perf_counter() - t0
+
+
+def verify_outputs(sm_out: Path, peft_out: Path) -> str:
+    """Compare the streammerge and PEFT merged tensors (untimed): key sets, shapes, max |diff|."""
+    code = r"""
+import json, sys, glob, os
+from safetensors import safe_open
+import torch
+def tensors(d):
+    m = {}
+    for f in sorted(glob.glob(os.path.join(d, "*.safetensors"))):
+        with safe_open(f, "pt") as h:
+            for k in h.keys():
+                m[k] = f
+    return m
+a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
+only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+worst, worst_k, ndiff, n, dtypes = 0.0, None, 0, 0, set()
+for k in sorted(set(a) & set(b)):
+    with safe_open(a[k], "pt") as ha, safe_open(b[k], "pt") as hb:
+        x, y = ha.get_tensor(k), hb.get_tensor(k)
+    dtypes.add((str(x.dtype), str(y.dtype)))
+    if x.shape != y.shape:
+        print("SHAPE MISMATCH", k, x.shape, y.shape); sys.exit(1)
+    d = (x.float() - y.float()).abs()
+    ndiff += int((d > 0).sum()); n += d.numel()
+    if d.max().item() > worst:
+        worst, worst_k = d.max().item(), k
+print(f"{len(set(a) & set(b))} common tensors; only streammerge: {only_a[:3]}{'...' if len(only_a) > 3 else ''} "
+      f"({len(only_a)}); only peft: {only_b[:3]} ({len(only_b)}); dtypes {sorted(dtypes)}; "
+      f"max |diff| {worst:.3g}{f' ({worst_k})' if worst_k else ''}; elements differing {ndiff / max(n, 1):.2%}")
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(sm_out), str(peft_out)], capture_output=True, text=True)
+    return (r.stdout.strip() or r.stderr.strip().splitlines()[-1:] and r.stderr.strip().splitlines()[-1]) or "?"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# report
+
+
+def mb(n: float) -> str:
+    """Decimal megabytes, as streammerge prints its own peak."""
+    return f"{n / 1e6:,.0f}"
+
+
+def machine_info(work: Path) -> dict[str, str]:
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = "?"
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                ram = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    except OSError:
+        pass
+    du = shutil.disk_usage(work)
+    vers = subprocess.run(
+        [sys.executable, "-c", "import sys, torch; print(sys.version.split()[0], torch.__version__)"],
+        capture_output=True, text=True).stdout.split()
+    return {
+        "cpus": str(os.cpu_count()), "cpu": cpu, "ram": ram, "disk_free": f"{du.free / 1e9:.0f} GB",
+        "python": vers[0] if vers else platform.python_version(), "torch": vers[1] if len(vers) > 1 else "?",
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+    }
+
+
+def dir_size(p: Path) -> int:
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+@dataclass
+class Bench:
+    rows: list[tuple[int, str, RunResult]] = field(default_factory=list)
+
+    def of(self, name: str) -> list[RunResult]:
+        return [r for _, n, r in self.rows if n == name]
+
+    def round_of(self, rnd: int, name: str) -> RunResult | None:
+        for i, n, r in self.rows:
+            if i == rnd and n == name:
+                return r
+        return None
+
+
+def render(b: Bench, info: dict, args, cmdline: str, floor: RunResult | None, notes: list[str], base_size: int) -> str:
+    L = []
+    L.append(f"## {args.label} — {info['date']}\n")
+    L.append(f"- Machine: {info['cpus']} CPUs ({info['cpu']}), {info['ram']} RAM, {info['disk_free']} free on "
+             f"the work disk; Python {info['python']}, torch {info['torch']}")
+    L.append(f"- Base: `{args.base}` ({base_size / 1e9:.2f} GB on disk); adapter: `{args.adapter}`")
+    L.append(f"- Command: `{cmdline}`")
+    L.append("- Page cache: not dropped; one untimed `cp -r` of the base and a read of the adapter warmed it first, "
+             "so every contender reads from a warm cache. Outputs deleted and `sync` run between runs (untimed).")
+    L.append("- Peak anon = max over 20 ms samples of the summed `RssAnon` of the process and its descendants "
+             "(file-backed mmap pages excluded); peak RSS includes them.")
+    if floor is not None:
+        L.append(f"- Runtime floor: `python -c \"import torch, safetensors\"` peaks at {mb(floor.peak_anon)} MB anon "
+                 f"({mb(floor.peak_rss)} MB RSS), {floor.wall:.2f} s")
+    L.append("")
+    L.append("| round | contender | wall (s) | peak anon (MB) | peak RSS (MB) | status |")
+    L.append("|---:|---|---:|---:|---:|---|")
+    for rnd, name, r in b.rows:
+        status = "ok" if r.ok else f"FAILED (exit {r.returncode})"
+        L.append(f"| {rnd} | {name} | {r.wall:.2f} | {mb(r.peak_anon)} | {mb(r.peak_rss)} | {status} |")
+    L.append("")
+    L.append("| contender | median wall (s) | median peak anon (MB) | median peak RSS (MB) | runs ok |")
+    L.append("|---|---:|---:|---:|---:|")
+    for name in ("cp", "streammerge", "peft"):
+        rs = [r for r in b.of(name) if r.ok]
+        if not b.of(name):
+            continue
+        if rs:
+            L.append(f"| {name} | {statistics.median(r.wall for r in rs):.2f} | "
+                     f"{mb(statistics.median(r.peak_anon for r in rs))} | {mb(statistics.median(r.peak_rss for r in rs))} | "
+                     f"{len(rs)}/{len(b.of(name))} |")
+        else:
+            L.append(f"| {name} | – | – | – | 0/{len(b.of(name))} |")
+    L.append("")
+    rounds = sorted({i for i, _, _ in b.rows})
+
+    def med_ratio(num: str, den: str, attr: str) -> str:
+        vals = []
+        for i in rounds:
+            x, y = b.round_of(i, num), b.round_of(i, den)
+            if x and y and x.ok and y.ok:
+                vals.append(ratio(getattr(x, attr), getattr(y, attr)))
+        return f"{statistics.median(vals):.2f}× (per round: {', '.join(f'{v:.2f}' for v in vals)})" if vals else "n/a"
+
+    L.append(f"- Median of per-round ratios: streammerge/cp wall = {med_ratio('streammerge', 'cp', 'wall')}")
+    if b.of("peft"):
+        L.append(f"- peft/streammerge wall = {med_ratio('peft', 'streammerge', 'wall')}; "
+                 f"peft/streammerge peak anon = {med_ratio('peft', 'streammerge', 'peak_anon')}")
+    for n in notes:
+        L.append(f"- {n}")
+    L.append("")
+    return "\n".join(L)
+
+
+def tail(s: str, n: int = 15) -> str:
+    return "\n".join(s.strip().splitlines()[-n:])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, type=Path)
+    ap.add_argument("--adapter", required=True, type=Path)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", type=Path, default=None, help="scratch dir for outputs (default: BASE/../bench-work)")
+    ap.add_argument("--peft", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the PEFT full-load merge (default on when transformers+peft import)")
+    ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                    help="compare streammerge's and PEFT's merged tensors after the last round (untimed)")
+    ap.add_argument("--extra-args", default="", help="extra streammerge CLI arguments, one shell-quoted string")
+    ap.add_argument("--label", default=None, help="section title (default: base folder name)")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md", help="markdown file to append to")
+    ap.add_argument("--python", default=sys.executable, help="interpreter for streammerge and PEFT runs")
+    ap.add_argument("--interval", type=float, default=0.02, help="memory sampling period, seconds")
+    ap.add_argument("--timeout", type=float, default=3600, help="per-command timeout, seconds")
+    args = ap.parse_args(argv)
+    args.base, args.adapter = args.base.resolve(), args.adapter.resolve()
+    args.label = args.label or args.base.parent.name or args.base.name
+    cmdline = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(["bench.py", *argv])
+    for p in (args.base, args.adapter):
+        if not p.is_dir():
+            print(f"error: {p} is not a directory", file=sys.stderr)
+            return 2
+    work = (args.work or args.base.parent / "bench-work").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+
+    use_peft = args.peft and have_peft_stack(args.python)
+    notes: list[str] = []
+    if args.peft and not use_peft:
+        notes.append("PEFT contender skipped: torch/transformers/peft not importable.")
+    base_size = dir_size(args.base)
+    need = base_size * (3 if use_peft else 2) * 1.1
+    free = shutil.disk_usage(work).free
+    if free < need:
+        print(f"error: {work} has {free / 1e9:.1f} GB free, need about {need / 1e9:.1f} GB", file=sys.stderr)
+        return 2
+
+    info = machine_info(work)
+    print(f"bench: {args.label}: base {args.base} ({base_size / 1e9:.2f} GB), work {work}", flush=True)
+    print(f"warming page cache (untimed cp -r): {warm_cache(args.base, args.adapter, work):.1f}s", flush=True)
+    floor = run_measured([args.python, "-c", "import torch, safetensors"], interval=args.interval, env=env,
+                         log_dir=logs, name="floor")
+
+    outs = {"cp": work / "cp-out", "streammerge": work / "sm-out", "peft": work / "peft-out"}
+    cmds = {
+        "cp": ["cp", "-r", str(args.base), str(outs["cp"])],
+        "streammerge": [args.python, "-m", "streammerge", "--base", str(args.base), "--adapter", str(args.adapter),
+                        "--output", str(outs["streammerge"]), "--overwrite", *shlex.split(args.extra_args)],
+        "peft": [args.python, "-c", PEFT_SCRIPT, str(args.base), str(args.adapter), str(outs["peft"])],
+    }
+    order = ["cp", "streammerge"] + (["peft"] if use_peft else [])
+    bench = Bench()
+    sm_failed = False
+    for rnd in range(1, args.rounds + 1):
+        for name in order:
+            if name == "streammerge" and sm_failed:
+                continue
+            rm(outs[name])
+            settle()
+            r = run_measured(cmds[name], interval=args.interval, env=env, cwd=str(REPO), timeout=args.timeout,
+                             log_dir=logs, name=f"r{rnd}-{name}")
+            if name == "streammerge" and r.ok and "Done. Merged model:" not in r.stdout:
+                notes.append("streammerge exited 0 but printed no `Done. Merged model:` line.")
+            if r.ok and not any(outs[name].glob("*.safetensors")):
+                r.returncode = r.returncode or 99
+                notes.append(f"{name} round {rnd}: exit 0 but no .safetensors in {outs[name]}.")
+            bench.rows.append((rnd, name, r))
+            print(f"round {rnd} {name:11s} {r.wall:8.2f}s  peak anon {mb(r.peak_anon):>7s} MB  "
+                  f"peak RSS {mb(r.peak_rss):>7s} MB  {'ok' if r.ok else 'FAILED exit %d' % r.returncode}", flush=True)
+            if name == "streammerge" and not r.ok:
+                sm_failed = True
+                msg = tail(r.stderr or r.stdout, 5).replace("\n", " | ")
+                notes.append(f"streammerge FAILED in round {rnd} (exit {r.returncode}): `{msg[:600]}`; "
+                             "later rounds skip it. Full logs: " + str(logs))
+                print(f"streammerge failed (exit {r.returncode}):\n{tail(r.stderr or r.stdout)}", file=sys.stderr)
+            if name == "peft" and not r.ok:
+                notes.append(f"peft round {rnd} failed (exit {r.returncode}): "
+                             f"`{tail(r.stderr, 3).replace(chr(10), ' | ')[:400]}`")
+            if name == "streammerge" and r.ok and rnd == 1:
+                last = [l for l in r.stdout.strip().splitlines() if l.strip()][-3:]
+                notes.append("streammerge's own summary (round 1): " + " / ".join(f"`{l.strip()}`" for l in last))
+    if args.verify and use_peft and not sm_failed and bench.of("peft") and bench.of("peft")[-1].ok:
+        v = verify_outputs(outs["streammerge"], outs["peft"])
+        notes.append(f"Output check (last round, streammerge vs peft): {v}")
+        print("verify:", v, flush=True)
+    for p in outs.values():
+        rm(p)
+
+    md = render(bench, info, args, cmdline, floor, notes, base_size)
+    print()
+    print(md)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    new = not args.out.exists()
+    with open(args.out, "a") as f:
+        if new:
+            f.write("# Performance\n\nSections appended by `scripts/bench.py`.\n\n")
+        f.write(md + "\n")
+    print(f"appended to {args.out}")
+    return 1 if sm_failed or not bench.of("streammerge") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
