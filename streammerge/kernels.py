@@ -33,6 +33,14 @@ def add_lora_cols(w: Tensor, a_cols: Tensor, b: Tensor, scale: float) -> Tensor:
     return w
 
 
+def add_expert_delta(w_flat: Tensor, a_e: Tensor, b_e: Tensor, scale: float, transpose: bool) -> Tensor:
+    """One expert of a fused `[E, d1, d2]` parameter, flattened: `w += (B_e @ A_e) * s` (transposed when the
+    stored layout is `[E, in, out]`)."""
+    d = (b_e @ a_e) * scale
+    w_flat += (d.T if transpose else d).reshape(-1)
+    return w_flat
+
+
 def add_scaled(w: Tensor, v: Tensor, scale: float) -> Tensor:
     """`w += s * v` (lora_B.bias onto a bias)."""
     w += v * scale

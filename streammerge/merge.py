@@ -22,7 +22,8 @@ from .hub import resolve
 from .memory import MemoryMonitor, fmt_bytes
 from .output import Staging, check_free_space, check_output
 from .plan import (
-    OUT_DTYPES, BiasAdd, DoraCols, DoraRows, LoraCols, LoraRows, OutTensor, Plan, TokenRows, build_plan,
+    OUT_DTYPES, BiasAdd, DoraCols, DoraRows, LoraCols, LoraExperts, LoraRows, OutTensor, Plan, TokenRows,
+    build_plan,
 )
 from .writer import PlannedTensor, ShardWriter, parse_size, plan_shards, shard_file_names, write_index
 
@@ -273,11 +274,17 @@ class _Prepared:
 
     def __init__(self, op, lora: Adapter) -> None:
         self.op = op
-        if isinstance(op, (LoraRows, LoraCols)):
+        if isinstance(op, (LoraRows, LoraCols, LoraExperts)):
             a, b = _checked(lora, op.a), _checked(lora, op.b)
-            r = a.shape[0]
             if isinstance(op, LoraRows):
-                self.a, self.b = a.reshape(r, -1), b.reshape(b.shape[0], -1)
+                if op.expert is not None:
+                    # one expert of fused factors: A rows grouped by expert, B columns interleaved (spec §12)
+                    r = a.shape[0] // op.experts
+                    a = a[op.expert * r:(op.expert + 1) * r]
+                    b = b[:, op.expert::op.experts]
+                if op.b_rows is not None:
+                    b = b[op.b_rows[0]:op.b_rows[1]]
+                self.a, self.b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1).contiguous()
             else:
                 self.a, self.b = a, b
         elif isinstance(op, TokenRows):
@@ -291,6 +298,11 @@ class _Prepared:
         op = self.op
         if isinstance(op, LoraRows):
             kernels.add_lora_rows(w, self.a, self.b[r0:r1], op.scale)
+        elif isinstance(op, LoraExperts):
+            r = self.a.shape[0] // op.experts
+            for e in range(r0, r1):
+                kernels.add_expert_delta(w[e - r0], self.a[e * r:(e + 1) * r], self.b[:, e::op.experts], op.scale,
+                                         op.transpose)
         elif isinstance(op, LoraCols):
             kernels.add_lora_cols(w, self.a[:, r0:r1], self.b, op.scale)
         elif isinstance(op, BiasAdd):

@@ -54,15 +54,40 @@ INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embedding
 
 @dataclass(frozen=True)
 class LoraRows:
-    """`W[r0:r1] += B[r0:r1] @ A * s` on the weight viewed as `[out, in]` (Linear, ConvNd)."""
+    """`W[r0:r1] += B[r0:r1] @ A * s` on the weight viewed as `[out, in]` (Linear, ConvNd).
+
+    For one expert of fused MoE factors (target_parameters, spec §12) the factors are slices:
+    `A_e = A[e*r:(e+1)*r]`, `B_e = B[:, e::E]`, and `b_rows` picks the rows of `B_e @ A_e` this tensor holds
+    (w1 = gate rows, w3 = up rows of a fused gate_up_proj).
+    """
 
     a: str
     b: str
     scale: float
     module: str
+    expert: int | None = None
+    experts: int = 1
+    b_rows: tuple[int, int] | None = None
 
     def describe(self) -> str:
-        return f"lora({self.module}, s={self.scale:g})"
+        where = f"[expert {self.expert}]" if self.expert is not None else ""
+        return f"lora({self.module}{where}, s={self.scale:g})"
+
+
+@dataclass(frozen=True)
+class LoraExperts:
+    """Fused expert parameter stored fused on disk, `[E, d1, d2]`: `W[e] += s * B_e @ A_e` (or its transpose
+    when the disk layout is `[E, in, out]`), one expert per row of the `[E, d1*d2]` view."""
+
+    a: str
+    b: str
+    scale: float
+    module: str
+    experts: int
+    transpose: bool
+
+    def describe(self) -> str:
+        return f"lora-experts({self.module}, E={self.experts}{', T' if self.transpose else ''}, s={self.scale:g})"
 
 
 @dataclass(frozen=True)
@@ -119,7 +144,7 @@ class DoraCols:
         return "dora(cols, 2 passes)"
 
 
-Op = LoraRows | LoraCols | BiasAdd | TokenRows | DoraRows | DoraCols
+Op = LoraRows | LoraExperts | LoraCols | BiasAdd | TokenRows | DoraRows | DoraCols
 
 
 @dataclass
@@ -261,12 +286,6 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     problems = _Problems()
     notes: list[str] = []
 
-    if cfg.target_parameters:
-        raise UnsupportedError(
-            f"{cfg.path}: target_parameters (LoRA on fused MoE expert parameters) is not supported yet; "
-            "merge it with PEFT"
-        )
-
     for name, info in ckpt.tensors.items():
         if info.dtype.startswith("F8") or info.dtype.startswith("F4"):
             raise UnsupportedError(
@@ -296,6 +315,7 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
                     problems.add(f"{target}: saved twice ({replacements[target]}, {m.roles[role]})")
                 replacements[target] = m.roles.pop(role)
     modules = {n: m for n, m in modules.items() if m.roles}
+    fused = _split_param_modules(modules, cfg, adapter, problems) if cfg.target_parameters else []
 
     for m in modules.values():
         if m.roles.keys() & {"A", "B"} and m.roles.keys() & {"emb_A", "emb_B"}:
@@ -309,6 +329,9 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
         if "lora_bias" in m.roles:
             wanted.append(f"{m.name}.bias")
     wanted += list(replacements)
+    for f in fused:
+        f.resolve_names(ckpt.tensors, loader)
+        wanted += f.names
 
     tie_flags = _config_values(base_config, "tie_word_embeddings")
     tied_config = bool(tie_flags[0]) if tie_flags else False
@@ -388,6 +411,8 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
         if m.name in used_head_clones:
             continue
         _plan_module(m, adapter, cfg, model_type, target, problems)
+    for f in fused:
+        f.plan(adapter, target, problems)
 
     problems.raise_if_any(adapter, ckpt.root)
 
@@ -587,3 +612,144 @@ def _token_indices(spec: Any, module: str) -> list[int] | None:
             if module == key or module.endswith("." + key):
                 return [int(i) for i in value]
     return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# target_parameters: LoRA on fused MoE expert parameters (spec §12)
+
+# parameter registration order inside the expert modules transformers 5 builds; the innermost wrapper
+# (deepest `.base_layer`) belongs to the first one
+FUSED_ORDER = ("gate_up_proj", "down_proj")
+# how a fused parameter is stored on disk when the checkpoint keeps experts apart: [(names, rows of dW)]
+PER_EXPERT = {
+    "gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
+    "down_proj": (("w2",), ("down_proj",)),
+}
+
+
+@dataclass
+class _FusedParam:
+    module: str                      # e.g. model.layers.0.mlp.experts
+    param: str                       # gate_up_proj / down_proj / any other parameter name
+    a: str
+    b: str
+    a_shape: tuple[int, ...]
+    b_shape: tuple[int, ...]
+    r: int
+    scale: float
+    experts: int
+    family: str = ""                 # "fused" | "per-expert"
+    parts: tuple[str, ...] = ()       # per-expert tensor names inside each expert (w1, w3 / gate_proj, up_proj)
+    names: list[str] = field(default_factory=list)
+
+    def resolve_names(self, disk: dict, loader: str) -> None:
+        from .layouts import candidates
+
+        layouts = candidates(loader)
+
+        def exists(n: str) -> bool:
+            return any(lay.to_disk(n) in disk for lay in layouts)
+
+        fused_name = f"{self.module}.{self.param}"
+        if exists(fused_name):
+            self.family, self.names = "fused", [fused_name]
+            return
+        for parts in PER_EXPERT.get(self.param, ()):
+            names = [f"{self.module}.{e}.{p}.weight" for e in range(self.experts) for p in parts]
+            if exists(names[0]):
+                self.family, self.parts, self.names = "per-expert", parts, names
+                return
+        self.family, self.names = "fused", [fused_name]  # reported as missing by the layout check
+
+    def plan(self, adapter: Adapter, target, problems: _Problems) -> None:
+        E, r = self.experts, self.r
+        in_dim, out_dim = self.a_shape[1], self.b_shape[0]
+        where = f"{self.module}.{self.param}"
+        if self.family == "fused":
+            t = target(self.names[0])
+            if t is None:
+                return
+            if len(t.shape) != 3 or t.shape[0] != E:
+                problems.add(f"{where}: LoRA factors for {E} experts do not fit {t.name} {list(t.shape)}")
+                return
+            d1, d2 = t.shape[1:]
+            if (out_dim, in_dim) == (d1, d2) and (in_dim, out_dim) == (d1, d2):
+                transpose = True  # square experts: the fused checkpoints on disk ([E, in, out]) are transposed
+            elif (out_dim, in_dim) == (d1, d2):
+                transpose = False
+            elif (in_dim, out_dim) == (d1, d2):
+                transpose = True
+            else:
+                problems.add(f"{where}: lora_A {list(self.a_shape)} / lora_B {list(self.b_shape)} do not fit "
+                             f"{t.name} {list(t.shape)}")
+                return
+            t.ops.append(LoraExperts(self.a, self.b, self.scale, where, E, transpose))
+            return
+        rows = out_dim // len(self.parts)
+        if rows * len(self.parts) != out_dim:
+            problems.add(f"{where}: lora_B has {out_dim} rows, not divisible into {', '.join(self.parts)}")
+            return
+        for e in range(E):
+            for i, part in enumerate(self.parts):
+                t = target(f"{self.module}.{e}.{part}.weight")
+                if t is None:
+                    continue
+                if t.shape != (rows, in_dim):
+                    problems.add(f"{where}: expert {e} {part} is {list(t.shape)} on disk, the LoRA delta gives "
+                                 f"{[rows, in_dim]}")
+                    continue
+                t.ops.append(LoraRows(self.a, self.b, self.scale, where, expert=e, experts=E,
+                                      b_rows=(i * rows, (i + 1) * rows)))
+
+
+def _split_param_modules(modules: dict[str, _Module], cfg, adapter: Adapter, problems: _Problems) -> list[_FusedParam]:
+    """Take the nested `.base_layer` LoRA pairs of target_parameters modules out of `modules`."""
+    roots: dict[str, list[tuple[int, _Module]]] = defaultdict(list)
+    for name in list(modules):
+        root, depth = name, 0
+        while root.endswith(".base_layer"):
+            root, depth = root[: -len(".base_layer")], depth + 1
+        params = _targeted_params(root, cfg.target_parameters)
+        if params:
+            roots[root].append((depth, modules.pop(name)))
+    fused = []
+    for root, wrapped in roots.items():
+        params = _targeted_params(root, cfg.target_parameters)
+        wrapped.sort(key=lambda x: x[0])
+        pairs = []
+        for depth, m in wrapped:
+            if set(m.roles) != {"A", "B"}:
+                extra = sorted(set(m.roles) - {"A", "B"})
+                problems.add(f"{m.name}: target_parameters supports lora_A/lora_B only, found {extra or 'a half pair'}")
+                continue
+            pairs.append((depth, m))
+        if len(pairs) > len(params):
+            problems.add(f"{root}: {len(pairs)} LoRA pairs but target_parameters names {len(params)} parameter(s) "
+                         f"of it ({', '.join(params)})")
+            continue
+        # outermost wrapper (depth 0) = last parameter in registration order
+        ordered = sorted(params, key=lambda p: FUSED_ORDER.index(p) if p in FUSED_ORDER else len(FUSED_ORDER))
+        assigned = {depth: ordered[len(ordered) - 1 - depth] for depth, _ in pairs}
+        for depth, m in pairs:
+            param = assigned[depth]
+            a_shape, b_shape = adapter.shapes[m.roles["A"]], adapter.shapes[m.roles["B"]]
+            name = f"{root}.{param}"
+            r = cfg.resolve_r(name)
+            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or r <= 0 or a_shape[0] % r:
+                problems.add(f"{name}: lora_A {list(a_shape)} / lora_B {list(b_shape)} are not [r*E, in] / "
+                             f"[out, r*E] for r={r}")
+                continue
+            fused.append(_FusedParam(root, param, m.roles["A"], m.roles["B"], a_shape, b_shape, r,
+                                     cfg.scaling(name, r), a_shape[0] // r))
+    return fused
+
+
+def _targeted_params(module: str, targets: tuple[str, ...]) -> list[str]:
+    """Parameter names of `module` that target_parameters selects (`<module>.<param>` == t or endswith .t)."""
+    found = []
+    for t in targets:
+        param = t.rsplit(".", 1)[-1]
+        full = f"{module}.{param}"
+        if (full == t or full.endswith("." + t)) and param not in found:
+            found.append(param)
+    return found
