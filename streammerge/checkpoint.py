@@ -290,6 +290,8 @@ def _read_index(root: Path, index_path: Path) -> dict[str, str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index_path}: has no \"weight_map\" object: re-download the model")
+    if not weight_map:
+        raise CheckpointError(f"{index_path}: \"weight_map\" lists no tensors: re-download the model")
     return weight_map
 
 
@@ -428,25 +430,29 @@ class TensorReader:
         """The whole tensor as a zero-copy view."""
         return self._view(info, 0, info.numel, info.shape)
 
-    def release(self, info: TensorInfo) -> None:
-        """Tell the kernel we are done with this tensor's pages, so page cache and RSS stay low."""
-        if info.nbytes == 0:
+    def release(self, info: TensorInfo, start: int = 0, stop: int | None = None) -> None:
+        """Tell the kernel we are done with this tensor's pages (or rows [start, stop) of it), so page cache and
+        RSS stay low. Views stay valid: dropped pages are re-read from the file if touched again."""
+        stop = info.rows if stop is None else stop
+        first = info.offset + start * info.row_nbytes
+        nbytes = min((stop - start) * info.row_nbytes, info.offset + info.nbytes - first)
+        if nbytes <= 0:
             return
         mm = self._maps.get(info.path)
         if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
-            # madvise needs a page-aligned start; widening the range is harmless: untouched private pages are
-            # simply re-read from the file if a neighbour needs them again.
+            # madvise needs a page-aligned start; widening the range is harmless: private pages we never wrote
+            # are simply re-read from the file if a neighbour needs them again.
             page = mmap.PAGESIZE
-            start = info.offset // page * page
-            length = min(info.offset + info.nbytes, len(mm)) - start
+            begin = first // page * page
+            length = min(first + nbytes, len(mm)) - begin
             try:
-                mm.madvise(mmap.MADV_DONTNEED, start, length)
+                mm.madvise(mmap.MADV_DONTNEED, begin, length)
             except (OSError, ValueError):
                 pass  # advice only
         fd = self._fds.get(info.path)
         if fd is not None and hasattr(os, "posix_fadvise"):
             try:
-                os.posix_fadvise(fd, info.offset, info.nbytes, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, first, nbytes, os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass  # advice only
 

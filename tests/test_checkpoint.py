@@ -418,6 +418,9 @@ def test_index_errors(tmp_path):
     idx.write_text(json.dumps({"weight_map": []}))
     with pytest.raises(CheckpointError, match="weight_map"):
         open_checkpoint(tmp_path)
+    idx.write_text(json.dumps({"weight_map": {}}))
+    with pytest.raises(CheckpointError, match="lists no tensors"):
+        open_checkpoint(tmp_path)
 
     # a listed tensor that the shard does not hold
     write_index(tmp_path, {**weight_map, "ghost": first})
@@ -569,3 +572,23 @@ def test_reader_file_truncated_after_header_is_caught(tmp_path):
     last = max(ckpt.tensors.values(), key=lambda i: i.offset + i.nbytes)
     with TensorReader() as reader, pytest.raises(CheckpointError, match="changed after its header"):
         reader.tensor(last)
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED"), reason="needs madvise")
+def test_release_rows_returns_mapped_pages(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    t = torch.ones(64, 1 << 18, dtype=torch.uint8)  # 16 MiB
+    save_file({"t": t}, str(tmp_path / "m.safetensors"))
+    info = read_header(tmp_path / "m.safetensors")[0]["t"]
+    proc = psutil.Process()
+    with TensorReader() as reader:
+        before = proc.memory_info().rss
+        for a in range(0, 64, 16):
+            assert int(reader.rows(info, a, a + 16).sum()) == 16 << 18  # touch every page
+        touched = proc.memory_info().rss
+        for a in range(0, 64, 16):
+            reader.release(info, a, a + 16)  # block by block, as the merge loop does
+        released = proc.memory_info().rss
+        assert touched - before > 8 << 20
+        assert touched - released > 8 << 20
+        assert int(reader.rows(info, 3, 5).sum()) == 2 << 18  # still readable
