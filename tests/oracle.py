@@ -175,9 +175,11 @@ def make_adapter(
     name: str = "adapter",
     seed: int = 1,
     safe_serialization: bool = True,
+    model_class=None,
     **lora_kwargs,
 ) -> Path:
-    """Train-side: load the base with AutoModelForCausalLM, wrap it with a random LoRA, save it.
+    """Train-side: load the base with `model_class` (default AutoModelForCausalLM), wrap it with a random
+    LoRA, save it.
 
     Defaults: r=4, lora_alpha=8, use_rslora=True, the family's linear targets and rank/alpha patterns."""
     from peft import LoraConfig, get_peft_model
@@ -185,7 +187,7 @@ def make_adapter(
 
     base_dir = Path(base_dir)
     out = Path(tmp) / name
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16)
+    model = (model_class or AutoModelForCausalLM).from_pretrained(str(base_dir), dtype=torch.bfloat16)
     mt = model.config.model_type
     kw = dict(r=4, lora_alpha=8, use_rslora=True, lora_dropout=0.0, init_lora_weights=False)
     kw.update(default_lora_kwargs(mt))
@@ -212,19 +214,20 @@ def read_adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     return torch.load(str(adapter_dir / "adapter_model.bin"), map_location="cpu", weights_only=True)
 
 
-def peft_reference(base_dir: Path, adapter_dir: Path, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def peft_reference(base_dir: Path, adapter_dir: Path, dtype: torch.dtype = torch.bfloat16,
+                   model_class=None) -> dict[str, torch.Tensor]:
     """PEFT's merge: base loaded in `dtype`, adapter autocast to fp32 (PEFT default), merge_and_unload
     (safe_merge=False: W += fp32 delta, i.e. computed in fp32 and rounded once into `dtype`).
-    Keys are *module* names of the AutoModelForCausalLM class."""
-    model = peft_merged_model(base_dir, adapter_dir, dtype)
+    Keys are *module* names of `model_class` (default AutoModelForCausalLM)."""
+    model = peft_merged_model(base_dir, adapter_dir, dtype, model_class)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def peft_merged_model(base_dir: Path, adapter_dir: Path, dtype: torch.dtype = torch.bfloat16):
+def peft_merged_model(base_dir: Path, adapter_dir: Path, dtype: torch.dtype = torch.bfloat16, model_class=None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    model = (model_class or AutoModelForCausalLM).from_pretrained(str(base_dir), dtype=dtype)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     return model.merge_and_unload().eval()
 

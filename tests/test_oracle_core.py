@@ -109,19 +109,24 @@ def test_logits_match_peft(model_type, cases, merged):
         ours = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()(INPUT_IDS).logits
         unmerged = oracle.peft_unmerged_model(case.base, case.adapter, torch.float32)(INPUT_IDS).logits
         peft_merged = oracle.peft_merged_model(case.base, case.adapter, torch.bfloat16).float()(INPUT_IDS).logits
+        base = AutoModelForCausalLM.from_pretrained(str(case.base), dtype=torch.float32).eval()(INPUT_IDS).logits
     scale = unmerged.abs().max().item()
+    effect = (unmerged - base).abs().max().item()  # how much the adapter moves the logits
     err_ours = (ours - unmerged).abs().max().item()
     err_peft = (peft_merged - unmerged).abs().max().item()
-    # vs the unmerged model: the only difference is the final bf16 rounding of W+ΔW (relative 2^-9 per
-    # weight, random sign), which PEFT's own merge has too. So streammerge may be no further from the
-    # unmerged model than PEFT's merge is (x1.05 slack for the ≤1-ulp differences allowed above), and in
-    # absolute terms within 2 % of the logit scale (measured: PEFT's merge is at ~0.1-0.5 %).
+    # vs the unmerged model, the only legitimate difference is the final bf16 rounding of W+ΔW (relative
+    # 2^-9 per weight), which PEFT's own merge has too. Measured on these tiny models: PEFT's merge is off
+    # by 0.5-1.0 % of the adapter's effect (0.8-1.8 % of the logit scale; logits are small, |l| < 1).
+    # (a) streammerge may be no further from the unmerged model than PEFT's merge, with 5 % slack for the
+    #     isolated ≤1-ulp weight differences allowed above (a double rounding, 1 ulp on ~25 % of the
+    #     weights, already exceeds this);
+    # (b) 2 % of the adapter's effect, i.e. 2x what PEFT achieves; a no-op merge would be at 100 %.
     assert err_ours <= 1.05 * err_peft + 1e-6 * scale, (err_ours, err_peft, scale)
-    assert err_ours <= 2e-2 * scale, (err_ours, scale)
+    assert err_ours <= 2e-2 * effect, (err_ours, effect)
     # vs PEFT's merged weights: same bf16 values up to isolated 1-ulp differences → near-identical logits.
-    # 2e-3 of the scale is ~4 bf16 ulps of a logit, far below what a real merge bug (wrong scale, missing
-    # transpose, untouched layer) produces (≥ 10 % of the scale in these models).
-    assert (ours - peft_merged).abs().max().item() <= 2e-3 * scale
+    # 2e-3 of the scale is ~1/5 of the bf16 rounding error itself (above); real merge bugs (double
+    # rounding: ~2 %, wrong scale / transpose / skipped layer: ≥ 10 %) are far above it.
+    assert (ours - peft_merged).abs().max().item() <= 2e-3 * scale, ((ours - peft_merged).abs().max(), scale)
 
 
 # 3 ------------------------------------------------------------------------------------------------------
@@ -338,6 +343,19 @@ def test_unmatched_lora_keys_all_listed(cases, work, fresh_dir):
     for m in bogus:
         assert m in msg, (m, msg)
     assert not out.exists()
+
+
+def test_cli_plan_error_and_dry_run(cases, fresh_dir, wide_adapter):
+    case = cases.get("llama")
+    out = fresh_dir / "out"
+    r = _cli("--base", case.base, "--adapter", wide_adapter, "--output", out)
+    assert r.returncode == _errors().PlanError.exit_code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+    assert "q_proj" in r.stderr
+    r = _cli("--base", case.base, "--adapter", case.adapter, "--output", out, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert list(fresh_dir.iterdir()) == []
 
 
 # 8 ------------------------------------------------------------------------------------------------------

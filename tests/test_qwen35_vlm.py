@@ -117,3 +117,41 @@ def test_causal_lm_loader_rejects_vlm_layout(qwen35, tmp_path):
         run_merge(qwen35.base, qwen35.adapter, out, dtype="bf16", loader="causal-lm")
     assert "model.layers." in str(ei.value)
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def vlm_adapter(qwen35, tmp_path_factory):
+    """An adapter trained on the VLM class itself: module names == disk names (`model.language_model.…`),
+    with LoRA on vision linears too (qkv has a bias; linear_fc1 exists in the blocks and in the merger)."""
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    targets = oracle.QWEN35_TARGETS + ["qkv", "linear_fc1"]
+    return oracle.make_adapter(
+        qwen35.base, tmp_path_factory.mktemp("vlm-ad"), name="adapter-vlm", model_class=Qwen3_5ForConditionalGeneration,
+        target_modules=targets, rank_pattern={"model.visual.blocks.0.attn.qkv": 8},
+        alpha_pattern={"model.language_model.layers.1.self_attn.q_proj": 24, "linear_fc1": 3},
+    )
+
+
+@pytest.mark.parametrize("loader", ["auto", "qwen3.5"])
+def test_vlm_class_adapter(qwen35, vlm_adapter, tmp_path, loader):
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    ad = oracle.read_adapter_tensors(vlm_adapter)
+    assert any(k.startswith("base_model.model.model.visual.") for k in ad)
+    assert any(k.startswith("base_model.model.model.language_model.layers.") for k in ad)
+    out = tmp_path / "out"
+    run_merge(qwen35.base, vlm_adapter, out, dtype="bf16", loader=loader)
+    base_t, out_t = read_checkpoint(qwen35.base), read_output(out)
+    assert set(out_t) == set(base_t)
+    ref = oracle.peft_reference(qwen35.base, vlm_adapter, torch.bfloat16, model_class=Qwen3_5ForConditionalGeneration)
+    merged_keys = {m + ".weight" for m in adapter_modules(vlm_adapter)}
+    assert merged_keys <= set(base_t)  # VLM module names are the disk names
+    assert any(k.startswith("model.visual.") for k in merged_keys)
+    bad = {k: ulp_diff(out_t[k], ref[k]) for k in base_t if ulp_diff(out_t[k], ref[k]) > 1}
+    assert not bad, bad  # 1 ulp: fp32 summation order only
+    for k, b in base_t.items():
+        if k in merged_keys:
+            assert not torch.equal(out_t[k], b), k
+        else:
+            assert bit_equal(out_t[k], b), k
