@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import StreamMergeError, one_line
 from .layouts import LOADER_CHOICES
@@ -20,8 +22,25 @@ EPILOG = """examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one `error: ...` line (exit 2) like every other failure."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {one_line(message)}; see '{self.prog} --help'\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: use a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid number {value}: use a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="streammerge",
         description="Merge a PEFT LoRA adapter into a safetensors model tensor by tensor, without loading the model.",
         epilog=EPILOG,
@@ -46,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_verify_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="streammerge verify",
         description="Recompute base + adapter and compare it with a merged model, tensor by tensor, in ulps.",
     )
@@ -55,7 +74,7 @@ def build_verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", required=True, help="the merged model folder to check")
     p.add_argument("--loader", default="auto", choices=LOADER_CHOICES)
     p.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HF_TOKEN); never printed")
-    p.add_argument("--sample", type=int, default=None, metavar="N",
+    p.add_argument("--sample", type=_positive_int, default=None, metavar="N",
                    help="recompute only ~N row blocks per tensor (plus first and last) instead of every row")
     return p
 
@@ -69,15 +88,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     token = args.hf_token or os.environ.get("HF_TOKEN") or None
-    try:
-        from .writer import parse_size
+    for flag, value in (("--max-shard-size", args.max_shard_size), ("--max-memory", args.max_memory)):
+        if value is None:
+            continue
+        try:
+            from .writer import parse_size
 
-        parse_size(args.max_shard_size)
-        if args.max_memory is not None:
-            parse_size(args.max_memory)
-    except ValueError as e:
-        parser.error(str(e))
+            parse_size(value)
+        except ValueError as e:
+            parser.error(f"argument {flag}: {e}")
     return _run(lambda: _merge(args, token), token)
+
+
+def _printer(token: str | None) -> Callable[[str], None]:
+    """print() for stdout that never shows the token (it could hide in a repo id or a path)."""
+
+    def say(text: str = "") -> None:
+        print(text.replace(token, "***") if token else text, flush=True)
+
+    return say
 
 
 def _merge(args: argparse.Namespace, token: str | None) -> int:
@@ -86,6 +115,10 @@ def _merge(args: argparse.Namespace, token: str | None) -> int:
     from .api import merge
     from .memory import fmt_bytes
 
+    print = _printer(token)  # noqa: A001 - shadowing on purpose: every line below is redacted
+    if args.clamp_f16 and args.dtype in ("bf16", "f32"):
+        warnings.warn(f"--clamp-f16 has no effect with --dtype {args.dtype} (only float16 output can overflow)",
+                      stacklevel=1)
     vm = psutil.virtual_memory()
     print(f"Base    : {args.base}")
     print(f"Adapter : {args.adapter}")
@@ -109,22 +142,27 @@ def _merge(args: argparse.Namespace, token: str | None) -> int:
         from .verify import verify
 
         print("Verify: recomputing every tensor")
-        return _report(verify(args.base, args.adapter, args.output, loader=args.loader, hf_token=token))
+        return _report(verify(args.base, args.adapter, args.output, loader=args.loader, hf_token=token, log=print),
+                       print)
     return 0
 
 
 def _verify(args: argparse.Namespace, token: str | None) -> int:
     from .verify import verify
 
+    print = _printer(token)  # noqa: A001
     started = time.perf_counter()
+    what = "every row" if args.sample is None else f"~{args.sample} row blocks per tensor"
+    print(f"Verify: recomputing {what} of {args.merged}")
     report = verify(args.base, args.adapter, args.merged, loader=args.loader, sample_blocks=args.sample,
                     hf_token=token, log=print)
-    code = _report(report)
-    print(f"Elapsed: {time.perf_counter() - started:.1f} s")
-    return code
+    try:
+        return _report(report, print)
+    finally:
+        print(f"Elapsed: {time.perf_counter() - started:.1f} s")
 
 
-def _report(report) -> int:
+def _report(report, print: Callable[[str], None] = print) -> int:  # noqa: A002
     from .errors import VerifyError
 
     rows = sum(c.rows_checked for c in report.checks)
@@ -139,22 +177,54 @@ def _report(report) -> int:
                       + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
 
 
+class _RedactToken(logging.Filter):
+    """Keeps the token out of library log records (huggingface_hub logs URLs and errors)."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if self.token in text:
+            record.msg, record.args = text.replace(self.token, "***"), None
+        return True
+
+
+def _terminate(signum, frame):  # noqa: ARG001
+    # SIGTERM unwinds like Ctrl-C, so the staging directory and the lock are cleaned up on the way out
+    raise KeyboardInterrupt
+
+
 def _run(action, token: str | None) -> int:
     def show_warning(message, category, filename, lineno, file=None, line=None):
         print(f"warning: {_clean(str(message), token)}", file=sys.stderr)
 
+    saved_warning = warnings.showwarning
     warnings.showwarning = show_warning
+    log_filter = _RedactToken(token) if token else None
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "httpx", "urllib3", "filelock")]
+    if log_filter is not None:
+        for lg in loggers:
+            lg.addFilter(log_filter)
+    saved_term = None
+    try:
+        saved_term = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
     try:
         return action()
     except StreamMergeError as e:
         print(f"error: {_clean(str(e), token)}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written to --output", file=sys.stderr)
+        print("error: interrupted; nothing was written to --output (its staging directory was removed)",
+              file=sys.stderr)
         return 130
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {_clean(where + (e.strerror or str(e)), token)}", file=sys.stderr)
+        print(f"error: {_clean(where + (e.strerror or str(e)), token)}; check the disk and the paths given",
+              file=sys.stderr)
         return 6
     except Exception as e:  # noqa: BLE001 - a bug: one line, traceback only on request
         if os.environ.get("STREAMMERGE_DEBUG"):
@@ -162,6 +232,13 @@ def _run(action, token: str | None) -> int:
         print(f"error: internal error {type(e).__name__}: {_clean(str(e), token)} (a streammerge bug: please report "
               "it; set STREAMMERGE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        warnings.showwarning = saved_warning
+        if saved_term is not None:
+            signal.signal(signal.SIGTERM, saved_term)
+        if log_filter is not None:
+            for lg in loggers:
+                lg.removeFilter(log_filter)
 
 
 def _clean(text: str, token: str | None) -> str:
