@@ -218,3 +218,50 @@ def expect_nothing_written(out: Path) -> None:
     assert not Path(out).exists() or not any(Path(out).iterdir()), f"{out} was written despite the refusal"
     leftovers = [p for p in Path(out).parent.iterdir() if p.name.startswith(Path(out).name) and p != Path(out)]
     assert not leftovers, f"staging leftovers: {leftovers}"
+
+
+# ------------------------------------------------------------------------------------------------------
+# a custom conv model (not transformers): base = save_file(state_dict) + a config.json
+
+class ConvNet(nn.Module):
+    """Conv1d k3, Conv2d (3,5) stride 2, Conv2d 1x1, Conv3d k3, a grouped Conv2d and a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(4, 6, (3, 5), stride=2)
+        self.c3 = nn.Conv2d(6, 10, 1)
+        self.c4 = nn.Conv3d(2, 4, 3)
+        self.grouped = nn.Conv2d(4, 8, 3, groups=2)
+        self.fc = nn.Linear(10, 5)
+
+    def forward(self, x):  # only to make the module a complete model; merges are checked on tensors
+        return self.fc(self.c3(self.c2(x)).mean(dim=(2, 3)))
+
+
+def save_convnet(out: Path, dtype=BF16, seed: int = 0) -> Path:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    net = ConvNet()
+    out = Path(out)
+    out.mkdir(parents=True)
+    save_file({k: v.to(dtype).contiguous() for k, v in net.state_dict().items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps({"model_type": "convnet", "architectures": ["ConvNet"]}))
+    return out
+
+
+def load_convnet(base: Path, dtype=F32) -> ConvNet:
+    from safetensors.torch import load_file
+
+    net = ConvNet()
+    net.load_state_dict({k: v.to(dtype) for k, v in load_file(str(Path(base) / "model.safetensors")).items()})
+    return net.to(dtype)
+
+
+def convnet_reference(base: Path, adapter: Path, out_dtype=BF16) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(load_convnet(base), str(adapter)).merge_and_unload()
+    return {k: v.detach().to(out_dtype).contiguous() for k, v in merged.state_dict().items()}
