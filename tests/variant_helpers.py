@@ -265,3 +265,26 @@ def convnet_reference(base: Path, adapter: Path, out_dtype=BF16) -> dict[str, to
 
     merged = PeftModel.from_pretrained(load_convnet(base), str(adapter)).merge_and_unload()
     return {k: v.detach().to(out_dtype).contiguous() for k, v in merged.state_dict().items()}
+
+
+def other_peft_adapter(base: Path, out: Path, kind: str, cls=None) -> Path:
+    """A real non-LoRA PEFT adapter (LOHA, LOKR, IA3, VERA, OFT) on `base` with non-trivial weights."""
+    import peft
+
+    model = load_causal(base, cls=cls)
+    cfgs = {
+        "LOHA": lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False),
+        "LOKR": lambda: peft.LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False),
+        "IA3": lambda: peft.IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"],
+                                      init_ia3_weights=False),
+        "VERA": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"], save_projection=True),
+        "OFT": lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "v_proj"],
+                                      init_weights=False),
+    }
+    torch.manual_seed(2)
+    pm = peft.get_peft_model(model, cfgs[kind]())
+    if kind == "VERA":  # lambda_b starts at zero: the delta would be zero
+        perturb(pm, lambda n: "vera_lambda" in n)
+    pm.save_pretrained(str(out))
+    assert json.loads((Path(out) / "adapter_config.json").read_text())["peft_type"] == kind
+    return Path(out)
