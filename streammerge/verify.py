@@ -18,6 +18,7 @@ import torch
 
 from .adapter import load_adapter
 from .checkpoint import TensorReader, open_checkpoint
+from .errors import CheckpointError, MissingFileError, VerifyError
 from .files import DTYPE_NAMES, output_config, side_files
 from .hub import resolve
 from .merge import DEFAULT_BLOCK_BYTES, merged_rows
@@ -63,19 +64,27 @@ class VerifyReport:
 
 
 def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
-    """Largest distance in units in the last place between two tensors of the same float dtype (exact)."""
+    """Largest distance in units in the last place between two tensors of the same dtype (exact).
+
+    Bit-identical tensors are 0 apart; any other bit difference counts at least 1 (so -0.0 vs +0.0, or two
+    different NaN payloads, are still reported: the merge is deterministic, so the bytes must match).
+    """
     if a.numel() == 0:
         return 0
-    if not a.is_floating_point():
-        return 0 if torch.equal(a, b) else 1
     size = a.element_size()
-    ia = a.contiguous().view(_INT_VIEW[size]).to(torch.int64)
-    ib = b.contiguous().view(_INT_VIEW[size]).to(torch.int64)
+    ia = a.contiguous().view(_INT_VIEW[size])
+    ib = b.contiguous().view(_INT_VIEW[size])
+    if torch.equal(ia, ib):  # the common case, and much cheaper than the ulp arithmetic below
+        return 0
+    if not a.is_floating_point():
+        return 1
+    diff = ia != ib
+    ia, ib = ia[diff].to(torch.int64), ib[diff].to(torch.int64)
     mask = (1 << (8 * size - 1)) - 1
     # sign-magnitude bits -> a monotonic integer line, so neighbours differ by exactly one
     ia = torch.where(ia < 0, -(ia & mask), ia)
     ib = torch.where(ib < 0, -(ib & mask), ib)
-    return int((ia - ib).abs().max())
+    return max(1, int((ia - ib).abs().max()))
 
 
 def verify(
@@ -97,9 +106,17 @@ def verify(
     say = log or (lambda _m: None)
     base_dir = resolve(base, "base", hf_token)
     adapter_dir = resolve(adapter, "adapter", hf_token)
-    merged_dir = Path(merged)
+    merged_dir = Path(merged).expanduser()
     ckpt = open_checkpoint(base_dir)
-    out = open_checkpoint(merged_dir)
+    if not merged_dir.is_dir():
+        raise MissingFileError(f"{merged_dir}: --merged folder not found; pass the folder the merge wrote")
+    try:
+        out = open_checkpoint(merged_dir)
+    except CheckpointError as e:
+        # base and adapter read fine, so a broken header or index here is damage to the merged output
+        raise VerifyError(f"merged output is damaged: {e}") from None
+    except MissingFileError as e:
+        raise VerifyError(f"merged output is incomplete: {e}") from None
     lora = load_adapter(adapter_dir)
     report = VerifyReport()
     rng = random.Random(seed)
