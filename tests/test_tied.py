@@ -117,3 +117,49 @@ def test_d_modules_to_save_lm_head(wd, base):
     err_ours, err_peft, scale = _logit_errors(base, ad, out)
     assert err_ours <= 2e-2 * scale, (err_ours, scale)
     assert err_peft <= 2e-2 * scale, "PEFT is right here; both must agree with the unmerged model"
+
+
+def test_e_lora_on_both_embed_and_head(wd, base):
+    """Both targeted, no ensure_weight_tying: the unmerged model used E+Δ_E in and E+Δ_lm out -> untie."""
+    ad, out, out_t, E = _run(wd, base, "both", target_modules=["embed_tokens", "lm_head"])
+    want_e = (E.float() + _emb_delta(ad, "model.embed_tokens")).to(torch.bfloat16)
+    want_h = (E.float() + _lin_delta(ad, "lm_head")).to(torch.bfloat16)
+    assert ulp_diff(out_t[E_KEY], want_e) <= 1
+    assert H_KEY in out_t and ulp_diff(out_t[H_KEY], want_h) <= 1
+    assert _tied_flag(out) is False
+    _assert_ours_right_peft_wrong(base, ad, out)
+
+
+def test_f_trainable_tokens_on_tied_embedding(wd, base):
+    """Trainable tokens on a tied embedding: PEFT ties the lm_head wrapper to the same rows, so the new rows
+    are used in and out; the output may stay tied (or untie with identical tensors) — logits decide."""
+    idx = [3, 9, 100]
+    ad, out, out_t, E = _run(wd, base, "tok", target_modules=["q_proj"], trainable_token_indices=idx,
+                             mutate=lambda pm: vh.perturb(pm, lambda n: "trainable_tokens_delta" in n))
+    saved = read_adapter_tensors(ad)["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    assert torch.equal(out_t[E_KEY][idx], saved.to(torch.bfloat16))
+    if H_KEY in out_t:
+        assert torch.equal(out_t[H_KEY], out_t[E_KEY])
+    err_ours, err_peft, scale = _logit_errors(base, ad, out)
+    assert err_ours <= 2e-2 * scale, (err_ours, scale)
+
+
+def test_g_resized_vocab_tied(wd, base):
+    """resize_token_embeddings(264) on a tied model + save_embedding_layers: both saved embeddings are the
+    same tensor, so the output stays tied with 264 rows and vocab_size 264."""
+    model = vh.load_causal(base)
+    model.resize_token_embeddings(264)
+    ad = vh.save_adapter(model, wd / "ad-resize-tied", target_modules=["q_proj"],
+                         save_kwargs=dict(save_embedding_layers=True))
+    out = wd / "out-resize-tied"
+    run_merge(base, ad, out)
+    out_t = read_checkpoint(out)
+    assert out_t[E_KEY].shape == (264, 64)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == 264
+    if H_KEY in out_t:
+        assert out_t[H_KEY].shape == (264, 64) and cfg.get("tie_word_embeddings", True) is False
+    ids = torch.tensor([[3, 260, 263, 17, 9]])
+    ours = vh.logits(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval(), ids)
+    unmerged = vh.logits(vh.peft_unmerged(base, ad, prepare=lambda m: m.resize_token_embeddings(264)), ids)
+    vh.assert_logits_close(ours, unmerged, what="resized tied vocab")

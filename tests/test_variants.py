@@ -257,3 +257,55 @@ def test_other_peft_types_match_peft(wd, llama, kind):
     if kind == "IA3":
         must |= {"model.layers.0.mlp.down_proj.weight"}
     _merge_and_compare(wd, kind, llama, ad, must)
+
+
+def test_dora_conv2d_custom_module(wd):
+    """DoRA on ConvNd: magnitude [1, out, 1, 1], norm over all dims but the output channel (spec §8)."""
+    base = vh.save_convnet(wd / "convnet")
+    ad = vh.save_adapter(vh.load_convnet(base, torch.bfloat16), wd / "ad-dora-conv", use_dora=True,
+                         target_modules=["c2", "c3", "fc"],
+                         mutate=lambda pm: vh.perturb(pm, _is_mag, multiplicative=True))
+    assert read_adapter_tensors(ad)["base_model.model.c2.lora_magnitude_vector"].shape == (1, 6, 1, 1)
+    out = wd / "out-dora-conv"
+    run_merge(base, ad, out)
+    vh.compare_to_reference(read_checkpoint(out), read_checkpoint(base), vh.convnet_reference(base, ad),
+                            {"c2.weight", "c3.weight", "fc.weight"})
+
+
+def test_modules_to_save_norm_suffix_quirk(wd, llama):
+    """modules_to_save=["norm"] matches by endswith without a dot boundary (spec §10.1): PEFT also saves every
+    input_layernorm / post_attention_layernorm, and all of them replace the checkpoint's."""
+    ad = vh.save_adapter(vh.load_causal(llama), wd / "ad-mts-norm", target_modules=["q_proj"],
+                         modules_to_save=["norm"],
+                         mutate=lambda pm: vh.perturb(pm, lambda n: "modules_to_save" in n))
+    sd = read_adapter_tensors(ad)
+    assert "base_model.model.model.layers.0.input_layernorm.weight" in sd
+    must = {"model.norm.weight", "model.layers.0.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"}
+    _merge_and_compare(wd, "mts-norm", llama, ad, must)
+
+
+def test_resized_vocab_with_embedding_lora(wd):
+    """Embedding LoRA on a resized vocabulary: base_layer.weight [136, H] replaces the 128-row checkpoint
+    tensor, and the LoRA delta (A is [r, 136]) is added on top."""
+    base = vh.build_base("llama", wd / "llama-v128b", vocab_size=128)
+    model = vh.load_causal(base)
+    model.resize_token_embeddings(136)
+    ad = vh.save_adapter(model, wd / "ad-resize-emb", target_modules=["embed_tokens", "lm_head", "q_proj"])
+    sd = read_adapter_tensors(ad)
+    assert sd["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (4, 136)
+
+    def prepare(m):
+        m.resize_token_embeddings(136)
+
+    out, out_t, _, _ = _merge_and_compare(wd, "resize-emb", base, ad,
+                                          {"model.embed_tokens.weight", "lm_head.weight"}, prepare=prepare)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 136
+
+
+def test_dora_adapter_bin_format(wd, llama):
+    """The same DoRA merge from adapter_model.bin (torch.save, keys identical to the safetensors file)."""
+    ad = vh.save_adapter(vh.load_causal(llama), wd / "ad-dora-bin", use_dora=True, target_modules=["k_proj"],
+                         save_kwargs=dict(safe_serialization=False),
+                         mutate=lambda pm: vh.perturb(pm, _is_mag, multiplicative=True))
+    assert (ad / "adapter_model.bin").exists() and not (ad / "adapter_model.safetensors").exists()
+    _merge_and_compare(wd, "dora-bin", llama, ad, {"model.layers.1.self_attn.k_proj.weight"})
