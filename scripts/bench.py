@@ -25,6 +25,7 @@ import datetime as _dt
 import importlib.util
 import os
 import platform
+import resource
 import shlex
 import shutil
 import statistics
@@ -93,6 +94,14 @@ def tree_mem(root: int) -> tuple[int, int]:
     return anon, rss
 
 
+def loadavg() -> float:
+    try:
+        with open("/proc/loadavg") as f:
+            return float(f.read().split()[0])
+    except OSError:
+        return float("nan")
+
+
 @dataclass
 class RunResult:
     cmd: list[str]
@@ -103,6 +112,8 @@ class RunResult:
     samples: int
     stdout: str = ""
     stderr: str = ""
+    cpu: float = 0.0  # user+sys seconds of the process and its reaped descendants
+    load: float = 0.0  # 1-minute load average when it started: > nproc means other work competed for the CPUs
 
     @property
     def ok(self) -> bool:
@@ -123,6 +134,8 @@ def run_measured(cmd: list[str], *, interval: float = 0.02, env: dict | None = N
     log_dir.mkdir(parents=True, exist_ok=True)
     out_p, err_p = log_dir / f"{name}.stdout", log_dir / f"{name}.stderr"
     peak_anon = peak_rss = samples = 0
+    load = loadavg()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(out_p, "wb") as out_f, open(err_p, "wb") as err_f:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f, stdin=subprocess.DEVNULL, env=env, cwd=cwd)
@@ -144,8 +157,10 @@ def run_measured(cmd: list[str], *, interval: float = 0.02, env: dict | None = N
             proc.kill()
             proc.wait()
             raise
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     res = RunResult(cmd, proc.returncode, wall, peak_anon, peak_rss, samples,
-                    out_p.read_text(errors="replace"), err_p.read_text(errors="replace"))
+                    out_p.read_text(errors="replace"), err_p.read_text(errors="replace"), cpu, load)
     if tmp is not None:
         tmp.cleanup()
     return res
@@ -309,30 +324,33 @@ def render(b: Bench, info: dict, args, cmdline: str, floor: RunResult | None, no
     L.append(f"- Command: `{cmdline}`")
     L.append("- Page cache: not dropped; one untimed `cp -r` of the base and a read of the adapter warmed it first, "
              "so every contender reads from a warm cache. Outputs deleted and `sync` run between runs (untimed).")
+    L.append(f"- CPU = user+sys seconds of the process tree; load = 1-min load average at the start of the run "
+             f"(above {info['cpus']} means other work was competing for the CPUs and wall times are inflated).")
     L.append("- Peak anon = max over 20 ms samples of the summed `RssAnon` of the process and its descendants "
              "(file-backed mmap pages excluded); peak RSS includes them.")
     if floor is not None:
         L.append(f"- Runtime floor: `python -c \"import torch, safetensors\"` peaks at {mb(floor.peak_anon)} MB anon "
                  f"({mb(floor.peak_rss)} MB RSS), {floor.wall:.2f} s")
     L.append("")
-    L.append("| round | contender | wall (s) | peak anon (MB) | peak RSS (MB) | status |")
-    L.append("|---:|---|---:|---:|---:|---|")
+    L.append("| round | contender | wall (s) | CPU (s) | peak anon (MB) | peak RSS (MB) | load at start | status |")
+    L.append("|---:|---|---:|---:|---:|---:|---:|---|")
     for rnd, name, r in b.rows:
         status = "ok" if r.ok else f"FAILED (exit {r.returncode})"
-        L.append(f"| {rnd} | {name} | {r.wall:.2f} | {mb(r.peak_anon)} | {mb(r.peak_rss)} | {status} |")
+        L.append(f"| {rnd} | {name} | {r.wall:.2f} | {r.cpu:.1f} | {mb(r.peak_anon)} | {mb(r.peak_rss)} | "
+                 f"{r.load:.1f} | {status} |")
     L.append("")
-    L.append("| contender | median wall (s) | median peak anon (MB) | median peak RSS (MB) | runs ok |")
-    L.append("|---|---:|---:|---:|---:|")
+    L.append("| contender | median wall (s) | median CPU (s) | median peak anon (MB) | median peak RSS (MB) | runs ok |")
+    L.append("|---|---:|---:|---:|---:|---:|")
     for name in ("cp", "streammerge", "peft"):
         rs = [r for r in b.of(name) if r.ok]
         if not b.of(name):
             continue
         if rs:
-            L.append(f"| {name} | {statistics.median(r.wall for r in rs):.2f} | "
+            L.append(f"| {name} | {statistics.median(r.wall for r in rs):.2f} | {statistics.median(r.cpu for r in rs):.1f} | "
                      f"{mb(statistics.median(r.peak_anon for r in rs))} | {mb(statistics.median(r.peak_rss for r in rs))} | "
                      f"{len(rs)}/{len(b.of(name))} |")
         else:
-            L.append(f"| {name} | – | – | – | 0/{len(b.of(name))} |")
+            L.append(f"| {name} | – | – | – | – | 0/{len(b.of(name))} |")
     L.append("")
     rounds = sorted({i for i, _, _ in b.rows})
 
@@ -433,7 +451,7 @@ def main(argv=None) -> int:
                 r.returncode = r.returncode or 99
                 notes.append(f"{name} round {rnd}: exit 0 but no .safetensors in {outs[name]}.")
             bench.rows.append((rnd, name, r))
-            print(f"round {rnd} {name:11s} {r.wall:8.2f}s  peak anon {mb(r.peak_anon):>7s} MB  "
+            print(f"round {rnd} {name:11s} {r.wall:8.2f}s  cpu {r.cpu:7.1f}s  load {r.load:4.1f}  peak anon {mb(r.peak_anon):>7s} MB  "
                   f"peak RSS {mb(r.peak_rss):>7s} MB  {'ok' if r.ok else 'FAILED exit %d' % r.returncode}", flush=True)
             if name == "streammerge" and not r.ok:
                 sm_failed = True
