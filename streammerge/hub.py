@@ -77,6 +77,9 @@ def _download(repo_id: str, kind: str, token: str | None, patterns: list[str]) -
                        "and --hf-token") from e
     except OSError as e:
         raise HubError(f"{repo_id}: downloading --{kind} failed ({_redact(str(e), token)})") from e
+    except ValueError as e:  # HFValidationError: not a valid repo id after all
+        raise HubError(f"{repo_id}: not a valid Hugging Face repo id for --{kind} ({_redact(str(e), token)}); pass "
+                       "a local folder or an id like org/name") from e
 
 
 def _redact(text: str, token: str | None) -> str:

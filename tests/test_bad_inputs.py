@@ -768,7 +768,11 @@ def test_subprocess_contract(tmp_path, good):
 
 
 def test_token_never_printed_on_errors(capsys, base, adapter, out, monkeypatch):
+    import huggingface_hub.constants as constants
+
     token = "hf_SECRETsecret0123456789abcdef"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read from the environment at import: patch both
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(out.parent / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(out.parent / "cache"))
     # an error message that would contain the token if anything echoed argv or the environment
