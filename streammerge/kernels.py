@@ -17,9 +17,14 @@ def delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
     return (b.float() @ a.float()) * scale
 
 
-def add_lora_rows(w: Tensor, a: Tensor, b_rows: Tensor, scale: float) -> Tensor:
-    """`w += (B[r0:r1] @ A) * s` for a row block of an `[out, in]` weight (Linear, ConvNd flattened)."""
-    w += (b_rows @ a) * scale
+def add_lora_rows(w: Tensor, a: Tensor, b_rows: Tensor, scale: float, tmp: Tensor | None = None) -> Tensor:
+    """`w += (B[r0:r1] @ A) * s` for a row block of an `[out, in]` weight (Linear, ConvNd flattened).
+
+    `tmp` (same shape as `w`) receives the delta, so blocks reuse one buffer; the numbers are the same either way.
+    """
+    d = torch.mm(b_rows, a, out=tmp) if tmp is not None else b_rows @ a
+    d.mul_(scale)
+    w.add_(d)
     return w
 
 
@@ -69,6 +74,13 @@ def dora_cols(w: Tensor, magnitude: Tensor, col_norms: Tensor) -> Tensor:
     """DoRA with the norm per column over all rows (Conv1D `[in, out]`, embeddings `[vocab, dim]`)."""
     w *= (magnitude.reshape(-1) / col_norms).reshape(1, -1)
     return w
+
+
+def all_finite(t: Tensor) -> bool:
+    """True when no element is NaN or +-Inf: one reduction, exact count only when the sum says otherwise."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    return bool(torch.isfinite(t.sum())) or nonfinite_count(t) == 0
 
 
 def nonfinite_count(t: Tensor) -> int:

@@ -20,6 +20,7 @@ from .errors import NumericError
 from .files import DTYPE_NAMES, copy_side_files, side_files, write_config
 from .hub import resolve
 from .memory import MemoryMonitor, fmt_bytes
+from .pipeline import BufferPool, WriteBehind
 from .output import Staging, check_free_space, check_output
 from .plan import (
     OUT_DTYPES, BiasAdd, DoraCols, DoraRows, LoraCols, LoraExperts, LoraRows, OutTensor, Plan, TokenRows,
@@ -151,60 +152,94 @@ def _write_output_config(plan: Plan, src: Path | None, dest: Path, dtype: str) -
 def _write_shards(plan: Plan, shards, names, dest: Path, lora: Adapter, block_bytes: int, progress: bool,
                   mem: MemoryMonitor, clamp_f16: bool) -> int:
     by_name = {t.name: t for t in plan.tensors}
+    # one block being computed, `depth` queued, one being written: bounded whatever the model's size
+    depth = 2
+    pool = BufferPool(depth + 2, block_bytes)
+    sink = WriteBehind(pool, depth)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=plan.total_bytes, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
     written = 0
+    writers: list[ShardWriter] = []
     try:
         with TensorReader() as reader:
             for shard, name in zip(shards, names):
-                with ShardWriter(dest / name, shard) as writer:
-                    for planned in writer.order:
-                        t = by_name[planned.name]
-                        if bar is not None:
-                            bar.set_postfix_str(f"{t.name[-40:]} | RAM {fmt_bytes(mem.current())}", refresh=False)
-                        n = _emit(t, writer, reader, lora, block_bytes, bar, clamp_f16)
-                        written += n
+                writer = ShardWriter(dest / name, shard, writeback=True)
+                writers.append(writer)
+                order = [by_name[p.name] for p in writer.order]
+                for i, t in enumerate(order):
+                    if i + 1 < len(order) and order[i + 1].base is not None:
+                        reader.prefetch(order[i + 1].base)
+                    if bar is not None:
+                        bar.set_postfix_str(f"{t.name[-40:]} | RAM {fmt_bytes(mem.current())}", refresh=False)
+                    written += _emit(t, writer, reader, lora, block_bytes, sink, pool, bar, clamp_f16)
+                sink.submit(writer.close)
+            sink.finish()
+    except BaseException:
+        try:
+            sink.finish()
+        except BaseException:  # noqa: BLE001 - the first error is the one to report
+            pass
+        for w in writers:
+            w.abort()
+        raise
     finally:
         if bar is not None:
             bar.close()
     return written
 
 
-def _emit(t: OutTensor, writer: ShardWriter, reader: TensorReader, lora: Adapter, block_bytes: int, bar,
-          clamp_f16: bool = False) -> int:
-    """Write one output tensor: a raw byte copy, or row blocks computed in float32 and rounded once."""
+def _emit(t: OutTensor, writer: ShardWriter, reader: TensorReader, lora: Adapter, block_bytes: int,
+          sink: WriteBehind, pool: BufferPool, bar, clamp_f16: bool = False) -> int:
+    """Queue one output tensor: a raw byte copy, or row blocks computed in float32 and rounded once."""
     if t.raw_copy:
-        writer.copy_from(t.name, reader.fd(t.base.path), t.base.offset, t.base.nbytes)
-        reader.release(t.base)
+        info = t.base
+
+        def copy() -> None:
+            writer.copy_from(t.name, reader.fd(info.path), info.offset, info.nbytes)
+            reader.release(info)
+
+        sink.submit(copy)
         if bar is not None:
             bar.update(t.nbytes)
         return t.nbytes
     total = 0
-    for _r0, _r1, y in merged_rows(t, reader, lora, block_bytes, clamp_f16):
-        writer.write(t.name, y)
+    for r0, r1, y, buf in merged_rows(t, reader, lora, block_bytes, clamp_f16, take=pool.take):
+        release = (lambda a=r0, b=r1: reader.release(t.base, a, b)) if t.base is not None and \
+            t.replacement is None else (lambda: None)
+
+        def write(y=y, release=release) -> None:
+            writer.write(t.name, y)
+            release()
+
+        sink.submit(write, buf)
         n = y.numel() * y.element_size()
         total += n
         if bar is not None:
             bar.update(n)
-    if t.base is not None:
-        reader.release(t.base)
     return total
+
+
+def _new_buffer(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8)
 
 
 def merged_rows(
     t: OutTensor, reader: TensorReader, lora: Adapter, block_bytes: int = DEFAULT_BLOCK_BYTES,
     clamp_f16: bool = False, blocks: Callable[[int, int], bool] | None = None,
-) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield `(r0, r1, rows)` of the output tensor in the output dtype, as 2-D `[rows, cols]` blocks.
+    take: Callable[[int], torch.Tensor] = _new_buffer,
+) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+    """Yield `(r0, r1, rows, buffer)`: rows of the output tensor in the output dtype as a 2-D `[rows, cols]`
+    view into `buffer` (a byte buffer from `take(nbytes)`, which the caller owns from then on).
 
     `blocks(r0, r1)` may skip blocks (verify samples rows); a DoRA column norm still reads every row.
     """
     rows = t.shape[0] if t.shape else 1
     cols = math.prod(t.shape[1:]) if t.shape else 1
     out_dtype = DTYPES[t.dtype]
+    itemsize = torch.empty((), dtype=out_dtype).element_size()
     if t.replacement is not None:
         whole = lora.get(t.replacement).reshape(rows, cols)
 
@@ -218,18 +253,29 @@ def merged_rows(
 
     ops = [_Prepared(op, lora) for op in t.ops]
     step = max(1, block_bytes // (max(cols, 1) * 4))
+    # float32 scratch reused by every block of this tensor: no allocation (and no page faults) per block
+    scratch = torch.empty(min(step, rows) * cols, dtype=torch.float32) if ops else None
+    tmp = torch.empty_like(scratch) if ops and any(isinstance(p.op, LoraRows) for p in ops) else None
+
+    def compute(r0: int, r1: int, src: torch.Tensor) -> torch.Tensor:
+        w = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
+        w.copy_(src)
+        t_block = tmp[: (r1 - r0) * cols].view(r1 - r0, cols) if tmp is not None else None
+        for p in ops:
+            p.apply(w, r0, r1, col_norms, t_block)
+        return w
 
     col_norms = None
     if any(isinstance(p.op, DoraCols) for p in ops):
         # the norm runs over every row, so it needs its own pass before any row can be written
+        before = ops[: next(i for i, p in enumerate(ops) if isinstance(p.op, DoraCols))]
         col_sq = torch.zeros(cols, dtype=torch.float64)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            w = source(r0, r1).to(torch.float32, copy=True)
-            for p in ops:
-                if isinstance(p.op, DoraCols):
-                    break
-                p.apply(w, r0, r1, None)
+            w = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
+            w.copy_(source(r0, r1))
+            for p in before:
+                p.apply(w, r0, r1, None, None)
             col_sq += kernels.column_sq_norms(w).double()
         col_norms = col_sq.sqrt().float()
 
@@ -238,22 +284,20 @@ def merged_rows(
         if blocks is not None and not blocks(r0, r1):
             continue
         src = source(r0, r1)
-        if ops:
-            # a fresh float32 copy: in-place math must never touch the mapped source pages
-            w = src.to(torch.float32, copy=True)
-            for p in ops:
-                p.apply(w, r0, r1, col_norms)
+        w = compute(r0, r1, src) if ops else src
+        if ops and not kernels.all_finite(w):
             bad = kernels.nonfinite_count(w)
-            if bad:
-                origin = "the base tensor already has NaN/Inf values" if kernels.nonfinite_count(src) else \
-                    "the adapter's delta made them"
-                raise NumericError(f"{t.name}: {bad} NaN/Inf values in the merged rows {r0}..{r1 - 1} ({origin}); "
-                                   "check the base and adapter files")
-        else:
-            w = src
+            origin = "the base tensor already has NaN/Inf values" if kernels.nonfinite_count(src) else \
+                "the adapter's delta made them"
+            raise NumericError(f"{t.name}: {bad} NaN/Inf values in the merged rows {r0}..{r1 - 1} ({origin}); "
+                               "check the base and adapter files")
         if out_dtype == torch.float16 and w.dtype != torch.float16:
             w = _check_f16(t.name, w, r0, clamp_f16)
-        yield r0, r1, w.to(out_dtype)
+        nbytes = (r1 - r0) * cols * itemsize
+        buf = take(nbytes)
+        y = buf[:nbytes].view(out_dtype).view(r1 - r0, cols)
+        y.copy_(w)
+        yield r0, r1, y, buf
 
 
 def _check_f16(name: str, w: torch.Tensor, r0: int, clamp: bool) -> torch.Tensor:
@@ -294,10 +338,11 @@ class _Prepared:
         elif isinstance(op, (BiasAdd, DoraRows, DoraCols)):
             self.v = _checked(lora, op.key).reshape(-1)
 
-    def apply(self, w: torch.Tensor, r0: int, r1: int, col_norms: torch.Tensor | None) -> None:
+    def apply(self, w: torch.Tensor, r0: int, r1: int, col_norms: torch.Tensor | None,
+              tmp: torch.Tensor | None) -> None:
         op = self.op
         if isinstance(op, LoraRows):
-            kernels.add_lora_rows(w, self.a, self.b[r0:r1], op.scale)
+            kernels.add_lora_rows(w, self.a, self.b[r0:r1], op.scale, tmp)
         elif isinstance(op, LoraExperts):
             r = self.a.shape[0] // op.experts
             for e in range(r0, r1):

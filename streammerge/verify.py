@@ -141,7 +141,8 @@ def verify(
                 rows = t.shape[0] if t.shape else 1
                 chosen = _sampler(rows, sample_blocks, rng)
                 worst, checked = 0, 0
-                for r0, r1, y in merged_rows(t, reader, lora, DEFAULT_BLOCK_BYTES, clamp_f16=True, blocks=chosen):
+                blocks = merged_rows(t, reader, lora, DEFAULT_BLOCK_BYTES, clamp_f16=True, blocks=chosen)
+                for r0, r1, y, _buf in blocks:
                     have = merged_reader.rows(got, r0, r1).reshape(y.shape)
                     worst = max(worst, ulp_distance(y, have))
                     checked += r1 - r0

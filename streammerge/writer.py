@@ -243,9 +243,11 @@ class ShardWriter:
     """Writes one safetensors file: header at construction, then each tensor's bytes in `order`."""
 
     def __init__(
-        self, path: Path, tensors: Sequence[PlannedTensor], metadata: Mapping[str, str] | None = DEFAULT_METADATA
+        self, path: Path, tensors: Sequence[PlannedTensor], metadata: Mapping[str, str] | None = DEFAULT_METADATA,
+        *, writeback: bool = False,
     ) -> None:
         self.path = Path(path)
+        self._wb = None
         header, self.order = header_bytes(tensors, metadata)
         self._index = {t.name: i for i, t in enumerate(self.order)}
         self._total = len(header) + sum(t.nbytes for t in self.order)
@@ -261,6 +263,10 @@ class ShardWriter:
             raise OutputError(f"{self.path} is a directory: choose another --output") from None
         except OSError as exc:
             raise _output_error(exc, self.path, self._total) from None
+        if writeback:
+            from .pipeline import Writeback
+
+            self._wb = Writeback(self._fd)
         try:
             self._put(memoryview(header))
         except BaseException:
@@ -339,6 +345,14 @@ class ShardWriter:
         self._advance_to(name, len(view), tensor_dtype=data.dtype if isinstance(data, torch.Tensor) else None)
         if view:
             self._put(view)
+            self._writeback()
+
+    def _writeback(self) -> None:
+        if self._wb is not None:
+            try:
+                self._wb.advance(self._pos - len(self._buf))
+            except OSError as exc:
+                raise self._fail(exc) from None
 
     def copy_from(self, name: str, src_fd: int, offset: int, nbytes: int) -> None:
         """Append `nbytes` of tensor `name` copied straight from `src_fd` at `offset` (kernel-side when possible)."""
@@ -362,6 +376,7 @@ class ShardWriter:
             self._write_all(memoryview(chunk))
             done += len(chunk)
         self._pos += nbytes
+        self._writeback()
 
     def _short_source(self, name: str, src_fd: int, at: int) -> CheckpointError:
         self.state = WriterState.FAILED

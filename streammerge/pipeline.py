@@ -1,0 +1,122 @@
+"""A small bounded pipeline: the main thread reads and computes row blocks, one background thread writes them.
+
+torch kernels and file I/O both release the GIL, so on two cores the math of the next block overlaps the
+write (and the disk's writeback) of the previous one. Output blocks live in a fixed pool of buffers that the
+writer hands back once a block is on its way to disk, so memory is bounded by `depth` blocks whatever the
+model's size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import queue
+import threading
+from collections.abc import Callable
+
+import torch
+
+# sync_file_range lets us start writeback of what was just written without waiting for it, and later wait for
+# an older range only: the disk stays busy through the merge, dirty pages stay few, and the final fsync is short.
+_SYNC_WAIT_BEFORE, _SYNC_WRITE, _SYNC_WAIT_AFTER = 1, 2, 4
+_libc = None
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+except (OSError, AttributeError):  # not Linux/glibc: fall back to fdatasync
+    _sync_file_range = None
+
+
+class BufferPool:
+    """`count` byte buffers of `nbytes` each; `take` blocks until one is free."""
+
+    def __init__(self, count: int, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(count):
+            self._free.put(torch.empty(nbytes, dtype=torch.uint8))
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self.nbytes:
+            # a single row wider than a block (huge fused experts): a one-off buffer, never pooled
+            return torch.empty(nbytes, dtype=torch.uint8)
+        return self._free.get()
+
+    def give(self, buf: torch.Tensor) -> None:
+        if buf.numel() == self.nbytes:
+            self._free.put(buf)
+
+
+class WriteBehind:
+    """Runs write tasks in submission order on one thread; the first failure is re-raised in the caller."""
+
+    def __init__(self, pool: BufferPool, depth: int) -> None:
+        self.pool = pool
+        self._tasks: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="streammerge-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, task: Callable[[], None], buf: torch.Tensor | None = None) -> None:
+        if self._error is not None:
+            if buf is not None:
+                self.pool.give(buf)
+            raise self._error
+        self._tasks.put((task, buf))
+
+    def _run(self) -> None:
+        while True:
+            item = self._tasks.get()
+            if item is None:
+                return
+            task, buf = item
+            try:
+                if self._error is None:
+                    task()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self._error = e
+            finally:
+                if buf is not None:
+                    self.pool.give(buf)
+
+    def finish(self) -> None:
+        """Wait for every submitted task; re-raise the first failure."""
+        self._tasks.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
+class Writeback:
+    """Starts writeback every `chunk` bytes of a file and drops the pages that are already on disk."""
+
+    def __init__(self, fd: int, chunk: int = 64 * 2**20) -> None:
+        self.fd = fd
+        self.chunk = chunk
+        self._started = 0   # bytes whose writeback was started
+        self._done = 0      # bytes known to be on disk and dropped from the cache
+
+    def advance(self, written: int) -> None:
+        if written - self._started < self.chunk:
+            return
+        if _sync_file_range is None:
+            os.fdatasync(self.fd)
+            self._drop(written)
+            self._started = written
+            return
+        if _sync_file_range(self.fd, self._started, written - self._started, _SYNC_WRITE) != 0:
+            raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+        # wait only for the range started a round earlier: it has had a whole chunk's time to reach the disk
+        if self._started > self._done:
+            flags = _SYNC_WAIT_BEFORE | _SYNC_WRITE | _SYNC_WAIT_AFTER
+            if _sync_file_range(self.fd, self._done, self._started - self._done, flags) != 0:
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            self._drop(self._started)
+        self._started = written
+
+    def _drop(self, upto: int) -> None:
+        if hasattr(os, "posix_fadvise") and upto > self._done:
+            os.posix_fadvise(self.fd, self._done, upto - self._done, os.POSIX_FADV_DONTNEED)
+        self._done = upto
