@@ -354,9 +354,8 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
         problems.raise_if_any(adapter, ckpt.root)
 
     input_embedding = _find_input_embedding(ckpt, to_disk)
-    tied = tied_config and input_embedding is not None and any(
-        to_disk(n) not in ckpt.tensors for n in optional
-    )
+    # tied on disk: the config says so and the checkpoint stores no output embedding of its own
+    tied = tied_config and input_embedding is not None and to_disk("lm_head.weight") not in ckpt.tensors
 
     out: dict[str, OutTensor] = {}
     for name, info in ckpt.tensors.items():
@@ -416,25 +415,28 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
 
     problems.raise_if_any(adapter, ckpt.root)
 
-    # tied embeddings: say what the adapter model computes (spec §11)
+    # tied embeddings: say what the adapter model computes (spec §11). Replacements and trainable-token rows
+    # land in the one shared tensor, so they keep the tie; a LoRA delta on only one side breaks it.
     if tied:
         heads = [out[n] for n in new_tensors]
         emb = out[input_embedding]
-        if heads and (emb.merged or any(h.merged for h in heads)):
+        emb_delta = any(isinstance(op, (LoraCols, DoraCols)) for op in emb.ops)
+        if heads:
             config_updates["tie_word_embeddings"] = False
-            notes.append("input and output embeddings now differ: wrote lm_head and set tie_word_embeddings=false")
-        elif emb.merged and not heads:
-            if ensure_tying:
-                notes.append("ensure_weight_tying: embedding merged once, still tied")
-            else:
-                head = to_disk("lm_head.weight")
-                einfo = ckpt.tensors[input_embedding]
-                # the head keeps the embedding as it was before the LoRA (incl. a saved, resized base_layer)
-                out[head] = OutTensor(head, emb.dtype, emb.shape, einfo, replacement=emb.replacement)
-                new_tensors.append(head)
-                config_updates["tie_word_embeddings"] = False
-                notes.append(f"LoRA changed the tied input embedding only: wrote {head} = the unchanged "
-                             "embedding and set tie_word_embeddings=false")
+            notes.append("the adapter changes the output embedding only: wrote lm_head and set "
+                         "tie_word_embeddings=false")
+        elif emb_delta and ensure_tying:
+            notes.append("ensure_weight_tying: the embedding LoRA is merged once and the weights stay tied")
+        elif emb_delta:
+            head = to_disk("lm_head.weight")
+            einfo = ckpt.tensors[input_embedding]
+            # the head keeps the embedding as it was before the LoRA (incl. a saved, resized base_layer)
+            out[head] = OutTensor(head, emb.dtype, emb.shape, einfo, replacement=emb.replacement,
+                                  ops=[op for op in emb.ops if isinstance(op, TokenRows)])
+            new_tensors.append(head)
+            config_updates["tie_word_embeddings"] = False
+            notes.append(f"LoRA changed the tied input embedding only: wrote {head} = the embedding without the "
+                         "delta and set tie_word_embeddings=false")
     if input_embedding is not None and out[input_embedding].replacement is not None:
         vocab = out[input_embedding].shape[0]
         if vocab not in _config_values(base_config, "vocab_size"):
@@ -517,7 +519,8 @@ def _plan_module(m: _Module, adapter: Adapter, cfg, model_type: str, target, pro
     a_role, b_role = pair
     if a_role not in roles or b_role not in roles:
         have, lack = (a_role, b_role) if a_role in roles else (b_role, a_role)
-        problems.add(f"{m.name}: {roles[have]} is saved without its {lack.replace('emb_', 'lora_embedding_')}; "
+        missing = {"A": "lora_A", "B": "lora_B", "emb_A": "lora_embedding_A", "emb_B": "lora_embedding_B"}[lack]
+        problems.add(f"{m.name}: {roles[have]} is saved without its {missing}; "
                      "the adapter file is incomplete")
         return
     a_key, b_key = roles[a_role], roles[b_role]
@@ -584,9 +587,11 @@ def _linear_kind(name: str, a: tuple, b: tuple, w: tuple, model_type: str, fan_i
         return None
     r = a[0]
     if len(w) > 2:  # ConvNd: A [r, in, *k], B [out, r/groups, 1...]
-        if b[0] != w[0] or a[1:] != w[1:] or any(d != 1 for d in b[2:]) or len(b) != len(w):
+        if b[0] != w[0] or len(b) != len(w) or any(d != 1 for d in b[2:]) or a[2:] != w[2:]:
             return None
-        return "grouped" if b[1] != r else "rows"
+        if b[1] != r:  # lora_B carries the base's groups: r/groups input channels
+            return "grouped"
+        return "rows" if a[1:] == w[1:] else None
     if b[1] != r or len(w) != 2:
         return None
     out_dim, in_dim = b[0], a[1]
