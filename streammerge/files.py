@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .errors import CheckpointError
+
 # other serialisations of the weights: copying them would ship unmerged weights beside the merged ones
 WEIGHT_SUFFIXES = (
     ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".ot",
@@ -37,16 +39,31 @@ def is_tokenizer_file(name: str) -> bool:
 
 def side_files(base_root: Path, adapter_root: Path) -> dict[str, Path]:
     """Relative output path -> source file: every non-weight file of the base, tokenizer files of the adapter
-    replacing the base's (adapters saved after adding tokens carry the tokenizer that matches them)."""
+    replacing the base's (adapters saved after adding tokens carry the tokenizer that matches them).
+
+    A file that is a symlink out of its folder (other than into a Hugging Face cache's blobs/) is refused like a
+    shard that points outside the model folder: a crafted repo must not get e.g. ~/.ssh copied into the output.
+    """
     files: dict[str, Path] = {}
     for path in sorted(base_root.rglob("*")):
         rel = path.relative_to(base_root).as_posix()
         if path.is_file() and not _skipped(rel) and not _is_weight(rel):
-            files[rel] = path
+            files[rel] = _inside_or_refuse(path, base_root)
     for path in sorted(adapter_root.iterdir()):
         if path.is_file() and is_tokenizer_file(path.name):
-            files[path.name] = path
+            files[path.name] = _inside_or_refuse(path, adapter_root)
     return files
+
+
+def _inside_or_refuse(path: Path, root: Path) -> Path:
+    from .checkpoint import _allowed_dirs  # the same rule the shard index follows
+
+    real = path.resolve()
+    dirs = _allowed_dirs(root)
+    if not any(real == d or d in real.parents for d in dirs):
+        raise CheckpointError(f"{path}: is a link to {real}, outside the model folder {root.resolve()}; copy the "
+                              "file into the folder instead of linking it")
+    return path
 
 
 def copy_side_files(files: dict[str, Path], dest: Path) -> None:

@@ -99,7 +99,7 @@ def adapter_tensors(base: dict[str, torch.Tensor] | Path, r: int = 4, targets=("
     out = {}
     for name, w in sorted(base.items()):
         mod = name[: -len(".weight")]
-        if not any(mod.endswith("." + t) for t in targets):
+        if not any(mod == t or mod.endswith("." + t) for t in targets):
             continue
         shape = w.shape if isinstance(w, torch.Tensor) else w
         o, i = shape
