@@ -21,7 +21,7 @@ from .checkpoint import TensorReader, open_checkpoint
 from .errors import CheckpointError, MissingFileError, VerifyError
 from .files import DTYPE_NAMES, output_config, side_files
 from .hub import resolve
-from .merge import DEFAULT_BLOCK_BYTES, merged_rows
+from .merge import DEFAULT_BLOCK_BYTES, merged_rows, one_torch_thread
 from .plan import FLOAT_DTYPES, build_plan, read_base_config
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -126,7 +126,7 @@ def verify(
         report.missing = [n for n in expected if n not in out.tensors]
         report.extra = [n for n in out.tensors if n not in expected]
         out_dtypes = set()
-        with TensorReader() as reader, TensorReader() as merged_reader:
+        with TensorReader() as reader, TensorReader() as merged_reader, one_torch_thread():
             for name, t in expected.items():
                 got = out.tensors.get(name)
                 if got is None:
