@@ -76,13 +76,23 @@ def build_verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HF_TOKEN); never printed")
     p.add_argument("--sample", type=_positive_int, default=None, metavar="N",
                    help="recompute only ~N row blocks per tensor (plus first and last) instead of every row")
+    p.add_argument("--max-memory", default=None,
+                   help="the --max-memory the merge ran with (it sets the row-block size the merge rounded in)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["verify"]:
-        vargs = build_verify_parser().parse_args(argv[1:])
+        vparser = build_verify_parser()
+        vargs = vparser.parse_args(argv[1:])
+        if vargs.max_memory is not None:
+            from .writer import parse_size
+
+            try:
+                parse_size(vargs.max_memory)
+            except ValueError as e:
+                vparser.error(f"argument --max-memory: {e}")
         vtoken = vargs.hf_token or os.environ.get("HF_TOKEN") or None
         return _run(lambda: _verify(vargs, vtoken), vtoken)
     parser = build_parser()
@@ -142,8 +152,8 @@ def _merge(args: argparse.Namespace, token: str | None) -> int:
         from .verify import verify
 
         print("Verify: recomputing every tensor")
-        return _report(verify(args.base, args.adapter, args.output, loader=args.loader, hf_token=token, log=print),
-                       print)
+        return _report(verify(args.base, args.adapter, args.output, loader=args.loader, hf_token=token, log=print,
+                              max_memory=args.max_memory), print)
     return 0
 
 
@@ -155,7 +165,7 @@ def _verify(args: argparse.Namespace, token: str | None) -> int:
     what = "every row" if args.sample is None else f"~{args.sample} row blocks per tensor"
     print(f"Verify: recomputing {what} of {args.merged}")
     report = verify(args.base, args.adapter, args.merged, loader=args.loader, sample_blocks=args.sample,
-                    hf_token=token, log=print)
+                    hf_token=token, log=print, max_memory=args.max_memory)
     try:
         return _report(report, print)
     finally:

@@ -39,14 +39,50 @@ def check_output(output: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -
 
 
 def check_free_space(output: Path, needed: int) -> None:
-    """Refuse to start when the planned output cannot fit on its filesystem."""
+    """Refuse to start when the planned output cannot fit on its filesystem.
+
+    Staging directories a killed run left beside the output count as free: this run deletes them before it
+    writes (unless another live run holds the lock, in which case this run stops at the lock anyway).
+    """
     free = shutil.disk_usage(_existing_parent(output)).free
+    stale = _stale_bytes(output)
     margin = 64 * 2**20
-    if free < needed + margin:
+    if free + stale < needed + margin:
+        also = f" (+{stale / 1e9:.2f} GB in stale staging folders)" if stale else ""
         raise OutputError(
             f"{output}: not enough free disk space: the merge writes {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB "
-            "free; free some space or choose another --output"
+            f"free{also}; free some space or choose another --output"
         )
+
+
+def _stale_bytes(output: Path) -> int:
+    """Disk space held by stale staging directories of `output` (0 while another run holds its lock)."""
+    output = output.absolute()
+    parent = output.parent
+    if not parent.is_dir():
+        return 0
+    lock = parent / f".{output.name}.streammerge.lock"
+    if lock.exists():
+        try:
+            fd = os.open(lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            return 0
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            return 0  # a live run: its staging folder is not stale
+        finally:
+            os.close(fd)
+    total = 0
+    for stale in parent.glob(f".{output.name}{STAGING_TAG}*"):
+        for path in [stale, *stale.rglob("*")]:
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            total += st.st_blocks * 512 if path.is_file() else 0
+    return total
 
 
 def _existing_parent(path: Path) -> Path:

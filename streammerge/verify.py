@@ -21,7 +21,7 @@ from .checkpoint import TensorReader, open_checkpoint
 from .errors import CheckpointError, MissingFileError, VerifyError
 from .files import DTYPE_NAMES, output_config, side_files
 from .hub import resolve
-from .merge import DEFAULT_BLOCK_BYTES, merged_rows, one_torch_thread
+from .merge import DEFAULT_BLOCK_BYTES, _block_bytes, merged_rows, one_torch_thread
 from .plan import FLOAT_DTYPES, build_plan, read_base_config
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -97,13 +97,16 @@ def verify(
     hf_token: str | None = None,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    max_memory: str | int | None = None,
 ) -> VerifyReport:
     """Recompute `base + adapter` and compare with the merged checkpoint at `merged`.
 
     With `sample_blocks`, only that many row blocks per tensor (plus the first and last) are recomputed;
-    otherwise every row is.
+    otherwise every row is. Pass the `max_memory` the merge ran with: it sets the row-block size, and the float32
+    matmul of a block may round differently for another block height.
     """
     say = log or (lambda _m: None)
+    block_bytes = DEFAULT_BLOCK_BYTES if max_memory is None else _block_bytes(max_memory)
     base_dir = resolve(base, "base", hf_token)
     adapter_dir = resolve(adapter, "adapter", hf_token)
     merged_dir = Path(merged).expanduser()
@@ -141,7 +144,7 @@ def verify(
                 rows = t.shape[0] if t.shape else 1
                 chosen = _sampler(rows, sample_blocks, rng)
                 worst, checked = 0, 0
-                blocks = merged_rows(t, reader, lora, DEFAULT_BLOCK_BYTES, clamp_f16=True, blocks=chosen)
+                blocks = merged_rows(t, reader, lora, block_bytes, clamp_f16=True, blocks=chosen)
                 for r0, r1, y, _buf in blocks:
                     have = merged_reader.rows(got, r0, r1).reshape(y.shape)
                     worst = max(worst, ulp_distance(y, have))

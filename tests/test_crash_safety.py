@@ -279,3 +279,47 @@ def test_failed_merge_leaves_existing_output_untouched(small, tmp_path, monkeypa
     monkeypatch.setattr(writer_mod.ShardWriter, "__init__", real_init)
     assert ht.tree_digest(out) == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["merged"]
+
+
+def test_stale_staging_counts_as_free_space(small, tmp_path, monkeypatch, capsys):
+    """After a kill -9 the partial output still fills the disk; the re-run will delete it, so the free-space
+    pre-check must not refuse because of it (and still refuses when even that is not enough)."""
+    import shutil as sh
+
+    import streammerge.output as output_mod
+
+    base, a1, _ = small
+    out = tmp_path / "merged"
+    stale = tmp_path / f".merged{STAGING_TAG}99999"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(os.urandom(4 << 20))  # 4 MB really on disk
+    real = sh.disk_usage
+    margin = 64 * 2**20
+    monkeypatch.setattr(output_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=margin - (1 << 20)))
+    rc, _, err = ht.run_cli(["--base", base, "--adapter", a1, "--output", out], capsys)
+    assert rc == 0, err
+    assert not stale.exists() and ht.looks_complete(out)
+    # without the stale folder the same free space is not enough
+    monkeypatch.setattr(output_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=margin - (1 << 20)))
+    rc, _, err = ht.run_cli(["--base", base, "--adapter", a1, "--output", tmp_path / "other"], capsys)
+    assert rc == OUTPUT_ERROR and "not enough free disk space" in err, err
+
+
+def test_stale_staging_of_a_live_run_is_not_free(tmp_path):
+    """While another run holds the lock its staging folder is not reclaimable."""
+    import fcntl
+
+    import streammerge.output as output_mod
+
+    out = tmp_path / "merged"
+    stale = tmp_path / f".merged{STAGING_TAG}1"
+    stale.mkdir()
+    (stale / "x").write_bytes(os.urandom(1 << 20))
+    assert output_mod._stale_bytes(out) >= 1 << 20
+    lock = tmp_path / ".merged.streammerge.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert output_mod._stale_bytes(out) == 0
+    finally:
+        os.close(fd)
