@@ -17,24 +17,44 @@ def delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
     return (b.float() @ a.float()) * scale
 
 
+def tile_rows(cols: int) -> int:
+    """Rows per matmul tile for a weight with `cols` columns.
+
+    BLAS picks its kernel (and so its summation order) from the matrix shape, so `B[r0:r1] @ A` over a
+    different number of rows can differ in the last bit. Products are therefore always taken over the same
+    absolute row tiles, and row blocks are whole tiles: the output bytes never depend on the block size.
+    """
+    return max(1, min(64, (1 << 22) // max(1, cols * 4)))
+
+
 def add_lora_rows(w: Tensor, a: Tensor, b_rows: Tensor, scale: float, tmp: Tensor | None = None) -> Tensor:
     """`w += (B[r0:r1] @ A) * s` for a row block of an `[out, in]` weight (Linear, ConvNd flattened).
 
-    `tmp` (same shape as `w`) receives the delta, so blocks reuse one buffer; the numbers are the same either way.
+    The block must start on a tile boundary (see `tile_rows`). `tmp` (same shape as `w`) receives the delta,
+    so blocks reuse one buffer.
     """
-    d = torch.mm(b_rows, a, out=tmp) if tmp is not None else b_rows @ a
+    d = tmp if tmp is not None else torch.empty_like(w)
+    tile = tile_rows(w.shape[1])
+    for i in range(0, w.shape[0], tile):
+        torch.mm(b_rows[i:i + tile], a, out=d[i:i + tile])
     d.mul_(scale)
     w.add_(d)
     return w
 
 
 def add_lora_cols(w: Tensor, a_cols: Tensor, b: Tensor, scale: float) -> Tensor:
-    """`w += (A[:, r0:r1].T @ B.T) * s`: a row block of `(B @ A).T * s`.
+    """`w += (A[:, r0:r1].T @ B.T) * s`: a row block of `(B @ A).T * s`, tiled like `add_lora_rows`.
 
     Used where the stored weight is the transpose of `B @ A`: GPT-2 Conv1D (`[in, out]`) and embeddings
     (`[vocab, dim]` with `A [r, vocab]`, `B [dim, r]`).
     """
-    w += (a_cols.T @ b.T) * scale
+    d = torch.empty_like(w)
+    bt = b.T
+    tile = tile_rows(w.shape[1])
+    for i in range(0, w.shape[0], tile):
+        torch.mm(a_cols[:, i:i + tile].T, bt, out=d[i:i + tile])
+    d.mul_(scale)
+    w.add_(d)
     return w
 
 

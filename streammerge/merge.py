@@ -265,7 +265,8 @@ def merged_rows(
             return reader.rows(info, r0, r1).reshape(r1 - r0, cols)
 
     ops = [_Prepared(op, lora) for op in t.ops]
-    step = max(1, block_bytes // (max(cols, 1) * 4))
+    tile = kernels.tile_rows(cols)
+    step = max(tile, block_bytes // (max(cols, 1) * 4) // tile * tile)  # whole tiles: bytes independent of it
     # float32 scratch reused by every block of this tensor: no allocation (and no page faults) per block
     scratch = torch.empty(min(step, rows) * cols, dtype=torch.float32) if ops else None
     tmp = torch.empty_like(scratch) if ops and any(isinstance(p.op, LoraRows) for p in ops) else None
@@ -292,6 +293,7 @@ def merged_rows(
             col_sq += kernels.column_sq_norms(w).double()
         col_norms = col_sq.sqrt().float()
 
+    overflow: list[int] = []  # [count, first row] once float16 overflow was seen: count it all, then refuse
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         if blocks is not None and not blocks(r0, r1):
@@ -305,25 +307,30 @@ def merged_rows(
             raise NumericError(f"{t.name}: {bad} NaN/Inf values in the merged rows {r0}..{r1 - 1} ({origin}); "
                                "check the base and adapter files")
         if out_dtype == torch.float16 and w.dtype != torch.float16:
-            w = _check_f16(t.name, w, r0, clamp_f16)
+            count, first = _f16_overflow(w)
+            if count and not clamp_f16:
+                overflow = overflow or [0, r0 + first]
+                overflow[0] += count
+            elif count:
+                w = w.clamp(-F16_MAX, F16_MAX)
+        if overflow:
+            continue
         nbytes = (r1 - r0) * cols * itemsize
         buf = take(nbytes)
         y = buf[:nbytes].view(out_dtype).view(r1 - r0, cols)
         y.copy_(w)
         yield r0, r1, y, buf
+    if overflow:
+        raise NumericError(f"{t.name}: {overflow[0]} values exceed the float16 range (first in row {overflow[1]}); "
+                           "use --dtype bf16 or f32, or pass --clamp-f16 to clamp them to +-65504")
 
 
-def _check_f16(name: str, w: torch.Tensor, r0: int, clamp: bool) -> torch.Tensor:
-    """Values that would become +-Inf in float16: refused unless the user opted into clamping."""
+def _f16_overflow(w: torch.Tensor) -> tuple[int, int]:
+    """(how many finite values of `w` exceed float16's range, the first such row)."""
     over = (w.abs() > F16_MAX) & torch.isfinite(w)
     if not bool(over.any()):
-        return w
-    if clamp:
-        return w.clamp(-F16_MAX, F16_MAX)
-    count = int(over.sum())
-    first = int(over.nonzero()[0][0]) + r0
-    raise NumericError(f"{name}: {count} values exceed the float16 range (first in row {first}); use --dtype bf16 "
-                       "or f32, or pass --clamp-f16 to clamp them to +-65504")
+        return 0, -1
+    return int(over.sum()), int(over.reshape(w.shape[0], -1).any(dim=1).nonzero()[0][0])
 
 
 class _Prepared:

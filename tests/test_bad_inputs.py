@@ -488,9 +488,6 @@ def test_f16_overflow_refused_with_count_and_location(capsys, base, adapter, out
           "--clamp-f16", output=out)
 
 
-@pytest.mark.xfail(strict=True, reason="needs merge.py merged_rows/_check_f16 to keep counting overflow through the "
-                   "remaining row blocks of the tensor before raising; today the count is that of the first "
-                   "overflowing row block only (16 here, of 32)")
 def test_f16_overflow_count_is_per_tensor(capsys, tmp_path):
     from safetensors.torch import load_file
 

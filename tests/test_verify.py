@@ -308,11 +308,6 @@ def test_ulp_distance_nan_and_ints():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="needs merge.py/kernels.py to compute the LoRA delta in fixed, row-aligned "
-                   "tiles (e.g. matmul over absolute 64-row tiles inside each block) so the output bytes do not "
-                   "depend on --max-memory's block size; today a merge with --max-memory < 64MB differs from the "
-                   "default by 1 bf16 ulp in a few values (here model.layers.0.mlp.down_proj.weight), so verify "
-                   "(default blocks) reports a correct merge as different")
 def test_verify_after_small_max_memory_merge(tmp_path):
     import streammerge
 
