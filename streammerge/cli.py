@@ -77,7 +77,7 @@ def build_verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=_positive_int, default=None, metavar="N",
                    help="recompute only ~N row blocks per tensor (plus first and last) instead of every row")
     p.add_argument("--max-memory", default=None,
-                   help="the --max-memory the merge ran with (it sets the row-block size the merge rounded in)")
+                   help="bound the working memory of the recomputation, e.g. 256MB")
     return p
 
 

@@ -102,8 +102,7 @@ def verify(
     """Recompute `base + adapter` and compare with the merged checkpoint at `merged`.
 
     With `sample_blocks`, only that many row blocks per tensor (plus the first and last) are recomputed;
-    otherwise every row is. Pass the `max_memory` the merge ran with: it sets the row-block size, and the float32
-    matmul of a block may round differently for another block height.
+    otherwise every row is. `max_memory` bounds the row-block size (the merged bytes do not depend on it).
     """
     say = log or (lambda _m: None)
     block_bytes = DEFAULT_BLOCK_BYTES if max_memory is None else _block_bytes(max_memory)
