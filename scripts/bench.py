@@ -8,6 +8,7 @@ Each round runs, alternating, (a) `cp -r BASE WORK/cp-out`, (b) `python -m strea
 --overwrite EXTRA`, (c) when transformers and peft are importable and --no-peft is not given, the PEFT path
 (from_pretrained bf16 -> PeftModel.from_pretrained -> merge_and_unload -> save_pretrained + tokenizer copy) in a
 subprocess. Page cache is not dropped: one untimed `cp -r` of the base (and a read of the adapter) warms it first,
+and the base is read back into the cache before every timed command (streammerge drops the pages it has read),
 so every contender reads from a warm cache. Outputs are deleted and `sync` is run between runs, outside the timed
 region, so no contender pays for another's write-back.
 
@@ -203,9 +204,19 @@ def rm(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def settle() -> None:
-    """Flush dirty pages of the previous run outside any timed region."""
+def settle(base: Path | None = None) -> None:
+    """Outside any timed region: flush dirty pages of the previous run, and read the base back into the page cache
+    (streammerge drops the pages it has read, so without this the contender after it would read from disk)."""
     subprocess.run(["sync"], check=False)
+    if base is not None:
+        for f in sorted(base.iterdir()):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    while fh.readinto(_WARM_BUF):
+                        pass
+
+
+_WARM_BUF = bytearray(8 << 20)
 
 
 def warm_cache(base: Path, adapter: Path, work: Path) -> float:
@@ -442,7 +453,7 @@ def main(argv=None) -> int:
             if name == "streammerge" and sm_failed:
                 continue
             rm(outs[name])
-            settle()
+            settle(args.base)
             r = run_measured(cmds[name], interval=args.interval, env=env, cwd=str(REPO), timeout=args.timeout,
                              log_dir=logs, name=f"r{rnd}-{name}")
             if name == "streammerge" and r.ok and "Done. Merged model:" not in r.stdout:
