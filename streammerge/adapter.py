@@ -34,7 +34,15 @@ _INERT_FIELDS = {
     "target_parameters", "trainable_token_indices", "ensure_weight_tying", "alora_invocation_tokens",
     "arrow_config", "kasa_config", "use_bdlora", "enable_lora", "save_embedding_layers",
     "tied_target_modules", "modules_to_tie",
+    # LoHa / LoKr / IA3 / VeRA (PEFT 0.21)
+    "alpha", "init_weights", "module_dropout", "rank_dropout", "use_effective_conv2d", "decompose_both",
+    "decompose_factor", "rank_dropout_scale", "feedforward_modules", "init_ia3_weights", "d_initial",
+    "projection_prng_key", "save_projection", "vera_dropout",
 }
+
+# PEFT types with a merge here: LoRA (incl. rsLoRA, DoRA, target_parameters) and the additive/multiplicative
+# types whose delta is a per-tensor formula of saved tensors (spec §13)
+SUPPORTED_TYPES = ("LORA", "LOHA", "LOKR", "IA3", "VERA")
 
 # init_lora_weights values that rewrite the base weight when PEFT loads the adapter (spec §2.3): merging them
 # into the original base gives different numbers from what was trained.
@@ -47,6 +55,7 @@ class AdapterConfig:
 
     path: Path
     raw: dict[str, Any]
+    peft_type: str
     r: int
     lora_alpha: float
     use_rslora: bool
@@ -58,6 +67,7 @@ class AdapterConfig:
     ensure_weight_tying: bool
     trainable_token_indices: Any
     target_parameters: tuple[str, ...]
+    feedforward_modules: Any = None
 
     def resolve_r(self, name: str) -> int:
         """r for a module name with PEFT >= 0.15's pattern rule (first key in file order wins)."""
@@ -128,10 +138,15 @@ def load_adapter_config(root: Path) -> AdapterConfig:
         raise AdapterError(f"{path}: expected a JSON object; re-save or re-download the adapter")
 
     peft_type = str(raw.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
+    if peft_type not in SUPPORTED_TYPES:
         raise UnsupportedError(
-            f"{path}: peft_type {peft_type!r} is not supported (streammerge merges LoRA adapters, incl. rsLoRA "
-            "and DoRA); merge it with PEFT's merge_and_unload instead"
+            f"{path}: peft_type {peft_type!r} is not supported (streammerge merges {', '.join(SUPPORTED_TYPES)} "
+            "adapters); merge it with PEFT's merge_and_unload instead"
+        )
+    if peft_type == "VERA" and not raw.get("save_projection", True):
+        raise UnsupportedError(
+            f"{path}: a VeRA adapter saved with save_projection=false has no vera_A/vera_B (PEFT regenerates them "
+            "from a PRNG key); re-save it with save_projection=True"
         )
     _refuse_unmergeable(path, raw)
 
@@ -151,7 +166,8 @@ def load_adapter_config(root: Path) -> AdapterConfig:
         return value
 
     r = typed("r", int, 8)
-    alpha = typed("lora_alpha", (int, float), 8)
+    # LyCORIS types (LoHa, LoKr) call it alpha
+    alpha = typed("alpha" if peft_type in ("LOHA", "LOKR") else "lora_alpha", (int, float), 8)
     rank_pattern = typed("rank_pattern", dict, {})
     alpha_pattern = typed("alpha_pattern", dict, {})
     for pname, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
@@ -167,6 +183,7 @@ def load_adapter_config(root: Path) -> AdapterConfig:
     return AdapterConfig(
         path=path,
         raw=raw,
+        peft_type=peft_type,
         r=r,
         lora_alpha=float(alpha),
         use_rslora=bool(raw.get("use_rslora", False)),
@@ -178,6 +195,7 @@ def load_adapter_config(root: Path) -> AdapterConfig:
         ensure_weight_tying=bool(raw.get("ensure_weight_tying", False)),
         trainable_token_indices=raw.get("trainable_token_indices"),
         target_parameters=tuple(target_parameters),
+        feedforward_modules=raw.get("feedforward_modules"),
     )
 
 

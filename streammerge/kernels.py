@@ -58,6 +58,37 @@ def add_lora_cols(w: Tensor, a_cols: Tensor, b: Tensor, scale: float) -> Tensor:
     return w
 
 
+def add_hadamard_rows(w: Tensor, w1a_rows: Tensor, w1b: Tensor, w2a_rows: Tensor, w2b: Tensor,
+                      scale: float) -> Tensor:
+    """LoHa: `w += ((w1a @ w1b) * (w2a @ w2b)) * s` for a row block, products over fixed row tiles."""
+    tile = tile_rows(w.shape[1])
+    for i in range(0, w.shape[0], tile):
+        d = (w1a_rows[i:i + tile] @ w1b) * (w2a_rows[i:i + tile] @ w2b)
+        w[i:i + tile] += d * scale
+    return w
+
+
+def add_kron_rows(w: Tensor, w1: Tensor, w2: Tensor, r0: int, r1: int, scale: float) -> Tensor:
+    """LoKr: rows `[r0, r1)` of `kron(w1, w2) * s` added to `w` (row `i` is `w1[i // m] (x) w2[i % m]`)."""
+    m = w2.shape[0]
+    idx = torch.arange(r0, r1)
+    rows = w1[idx // m].unsqueeze(2) * w2[idx % m].unsqueeze(1)
+    w += rows.reshape(r1 - r0, -1) * scale
+    return w
+
+
+def scale_rows(w: Tensor, v_rows: Tensor) -> Tensor:
+    """IA3 on outputs: `w[i, :] *= l[i]`."""
+    w *= v_rows.reshape(-1, 1)
+    return w
+
+
+def scale_cols(w: Tensor, v: Tensor) -> Tensor:
+    """IA3 on inputs (feed-forward layers): `w[:, j] *= l[j]`."""
+    w *= v.reshape(1, -1)
+    return w
+
+
 def add_expert_delta(w_flat: Tensor, a_e: Tensor, b_e: Tensor, scale: float, transpose: bool) -> Tensor:
     """One expert of a fused `[E, d1, d2]` parameter, flattened: `w += (B_e @ A_e) * s` (transposed when the
     stored layout is `[E, in, out]`)."""

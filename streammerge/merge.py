@@ -24,8 +24,8 @@ from .memory import MemoryMonitor, fmt_bytes
 from .pipeline import BufferPool, WriteBehind
 from .output import Staging, check_free_space, check_output
 from .plan import (
-    OUT_DTYPES, BiasAdd, DoraCols, DoraRows, LoraCols, LoraExperts, LoraRows, OutTensor, Plan, TokenRows,
-    build_plan,
+    OUT_DTYPES, VERA_SHARED, BiasAdd, DoraCols, DoraRows, Ia3Scale, LohaRows, LokrRows, LoraCols, LoraExperts,
+    LoraRows, OutTensor, Plan, TokenRows, VeraRows, build_plan,
 )
 from .writer import PlannedTensor, ShardWriter, parse_size, plan_shards, shard_file_names, write_index
 
@@ -269,7 +269,7 @@ def merged_rows(
     step = max(tile, block_bytes // (max(cols, 1) * 4) // tile * tile)  # whole tiles: bytes independent of it
     # float32 scratch reused by every block of this tensor: no allocation (and no page faults) per block
     scratch = torch.empty(min(step, rows) * cols, dtype=torch.float32) if ops else None
-    tmp = torch.empty_like(scratch) if ops and any(isinstance(p.op, LoraRows) for p in ops) else None
+    tmp = torch.empty_like(scratch) if ops and any(isinstance(p.op, (LoraRows, VeraRows)) for p in ops) else None
 
     def compute(r0: int, r1: int, src: torch.Tensor) -> torch.Tensor:
         w = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
@@ -355,8 +355,21 @@ class _Prepared:
             values = _checked(lora, op.key).to(DTYPES[op.base_dtype]).float()
             self.indices = torch.tensor(op.indices, dtype=torch.long)
             self.values = values
-        elif isinstance(op, (BiasAdd, DoraRows, DoraCols)):
+        elif isinstance(op, (BiasAdd, DoraRows, DoraCols, Ia3Scale)):
             self.v = _checked(lora, op.key).reshape(-1)
+        elif isinstance(op, LohaRows):
+            self.w1a, self.w1b, self.w2a, self.w2b = (_checked(lora, k) for k in (op.w1a, op.w1b, op.w2a, op.w2b))
+        elif isinstance(op, LokrRows):
+            w1, w2 = ([_checked(lora, k) for k in keys] for keys in (op.w1, op.w2))
+            self.w1 = w1[0] if len(w1) == 1 else w1[0] @ w1[1]
+            self.w2 = w2[0] if len(w2) == 1 else w2[0] @ w2[1]
+        elif isinstance(op, VeraRows):
+            a, b = _checked(lora, VERA_SHARED[0]), _checked(lora, VERA_SHARED[1])
+            lambda_b, lambda_d = _checked(lora, op.lambda_b), _checked(lora, op.lambda_d)
+            # exactly PEFT's factors: (lambda_b * B[:out]) and (lambda_d * A[:, :in]), rounded in float32
+            out_dim = lambda_b.shape[0]
+            self.b = lambda_b.unsqueeze(-1) * b[:out_dim]
+            self.a_full = lambda_d.unsqueeze(-1) * a
 
     def apply(self, w: torch.Tensor, r0: int, r1: int, col_norms: torch.Tensor | None,
               tmp: torch.Tensor | None) -> None:
@@ -381,6 +394,17 @@ class _Prepared:
         elif isinstance(op, DoraCols):
             if col_norms is not None:
                 kernels.dora_cols(w, self.v, col_norms)
+        elif isinstance(op, LohaRows):
+            kernels.add_hadamard_rows(w, self.w1a[r0:r1], self.w1b, self.w2a[r0:r1], self.w2b, op.scale)
+        elif isinstance(op, LokrRows):
+            kernels.add_kron_rows(w, self.w1, self.w2, r0, r1, op.scale)
+        elif isinstance(op, Ia3Scale):
+            kernels.scale_rows(w, self.v[r0:r1]) if op.axis == "rows" else kernels.scale_cols(w, self.v)
+        elif isinstance(op, VeraRows):
+            if op.transpose:  # Conv1D [in, out]: rows are inputs
+                kernels.add_lora_cols(w, self.a_full[:, r0:r1], self.b, 1.0)
+            else:
+                kernels.add_lora_rows(w, self.a_full[:, : w.shape[1]], self.b[r0:r1], 1.0, tmp)
 
 
 def _checked(lora: Adapter, key: str) -> torch.Tensor:

@@ -36,7 +36,17 @@ ROLE_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_A.weight", "A"),
     (".lora_B.weight", "B"),
     (".lora_B.bias", "lora_bias"),
+    # LoHa, LoKr, IA3, VeRA (spec §13)
+    (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"),
+    (".hada_w2_b", "hada_w2_b"), (".hada_t1", "hada_t1"), (".hada_t2", "hada_t2"),
+    (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"), (".lokr_w2_a", "lokr_w2_a"),
+    (".lokr_w2_b", "lokr_w2_b"), (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_t2", "lokr_t2"),
+    (".ia3_l", "ia3_l"),
+    (".vera_lambda_b", "vera_lambda_b"), (".vera_lambda_d", "vera_lambda_d"),
 )
+OTHER_TYPE_ROLES = {r for _, r in ROLE_SUFFIXES[10:]}
+# VeRA's shared random projections, saved once for the whole model (save_projection=True)
+VERA_SHARED = ("base_model.vera_A", "base_model.vera_B")
 
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 OUT_DTYPES = {"bf16": "BF16", "f16": "F16", "f32": "F32", "auto": None}
@@ -144,7 +154,60 @@ class DoraCols:
         return "dora(cols, 2 passes)"
 
 
-Op = LoraRows | LoraExperts | LoraCols | BiasAdd | TokenRows | DoraRows | DoraCols
+@dataclass(frozen=True)
+class LohaRows:
+    """LoHa: `W += ((w1a @ w1b) * (w2a @ w2b)) * s`, row block by row block."""
+
+    w1a: str
+    w1b: str
+    w2a: str
+    w2b: str
+    scale: float
+    module: str
+
+    def describe(self) -> str:
+        return f"loha({self.module}, s={self.scale:g})"
+
+
+@dataclass(frozen=True)
+class LokrRows:
+    """LoKr: `W += kron(w1, w2) * s`; w1/w2 are saved whole or as two factors each."""
+
+    w1: tuple[str, ...]
+    w2: tuple[str, ...]
+    scale: float
+    module: str
+
+    def describe(self) -> str:
+        return f"lokr({self.module}, s={self.scale:g})"
+
+
+@dataclass(frozen=True)
+class Ia3Scale:
+    """IA3: `W *= l` per row (`axis="rows"`, and the bias too) or per column (feed-forward layers)."""
+
+    key: str
+    axis: str
+
+    def describe(self) -> str:
+        return f"ia3({self.axis})"
+
+
+@dataclass(frozen=True)
+class VeraRows:
+    """VeRA: `W += (lambda_b * B[:out]) @ (lambda_d * A[:, :in])` (transposed for Conv1D)."""
+
+    lambda_b: str
+    lambda_d: str
+    transpose: bool
+    module: str
+
+    def describe(self) -> str:
+        return f"vera({self.module}{', T' if self.transpose else ''})"
+
+
+Op = LoraRows | LoraExperts | LoraCols | BiasAdd | TokenRows | DoraRows | DoraCols | LohaRows | LokrRows | \
+    Ia3Scale | VeraRows
 
 
 @dataclass
@@ -293,7 +356,14 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
                 "full-precision (bf16/f16/f32) base"
             )
 
-    stripped = strip_prefix(list(adapter.shapes), adapter.weights_path)
+    keys = list(adapter.shapes)
+    if cfg.peft_type == "VERA":
+        missing = [k for k in VERA_SHARED if k not in adapter.shapes]
+        if missing:
+            raise AdapterError(f"{adapter.weights_path}: VeRA adapter without {missing}; re-save it with "
+                               "save_projection=True")
+        keys = [k for k in keys if k not in VERA_SHARED]
+    stripped = strip_prefix(keys, adapter.weights_path)
     modules: dict[str, _Module] = {}
     replacements: dict[str, str] = {}  # module-side tensor name -> adapter key
     for key, short in stripped.items():
@@ -324,7 +394,7 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     # every module-side tensor name the adapter touches
     wanted: list[str] = []
     for m in modules.values():
-        if m.roles.keys() & {"A", "B", "emb_A", "emb_B", "magnitude", "tokens"}:
+        if m.roles.keys() & {"A", "B", "emb_A", "emb_B", "magnitude", "tokens"} | OTHER_TYPE_ROLES:
             wanted.append(f"{m.name}.weight")
         if "lora_bias" in m.roles:
             wanted.append(f"{m.name}.bias")
@@ -409,7 +479,10 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     for m in modules.values():
         if m.name in used_head_clones:
             continue
-        _plan_module(m, adapter, cfg, model_type, target, problems)
+        if m.roles.keys() & OTHER_TYPE_ROLES:
+            _plan_other_type(m, adapter, cfg, model_type, target, to_disk, ckpt, problems)
+        else:
+            _plan_module(m, adapter, cfg, model_type, target, problems)
     for f in fused:
         f.plan(adapter, target, problems)
 
@@ -758,3 +831,110 @@ def _targeted_params(module: str, targets: tuple[str, ...]) -> list[str]:
         if (full == t or full.endswith("." + t)) and param not in found:
             found.append(param)
     return found
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoHa, LoKr, IA3, VeRA (spec §13): one formula per tensor, same streaming engine
+
+_TYPE_ROLES = {
+    "LOHA": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"},
+    "LOKR": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"},
+    "IA3": {"ia3_l"},
+    "VERA": {"vera_lambda_b", "vera_lambda_d"},
+}
+
+
+def _plan_other_type(m: _Module, adapter: Adapter, cfg, model_type: str, target, to_disk, ckpt: Checkpoint,
+                     problems: _Problems) -> None:
+    roles, shapes = m.roles, adapter.shapes
+    kind = cfg.peft_type
+    allowed = _TYPE_ROLES.get(kind, set())
+    stray = set(roles) - allowed
+    if stray:
+        if stray & {"hada_t1", "hada_t2", "lokr_t2"}:
+            raise UnsupportedError(f"{adapter.weights_path}: {m.name} uses the CP-decomposed convolution form of "
+                                   f"{kind} (use_effective_conv2d); merge it with PEFT")
+        problems.add(f"{m.name}: {sorted(roles[r] for r in stray)} do not belong to a {kind} adapter")
+        return
+    t = target(f"{m.name}.weight")
+    if t is None:
+        return
+    w = t.shape
+    rows, cols = (w[0], math.prod(w[1:])) if w else (1, 1)
+    conv1d = len(w) == 2 and model_type in CONV1D_MODEL_TYPES and not m.name.endswith("lm_head")
+    name = m.name
+
+    def need(*rs: str) -> bool:
+        lack = [r for r in rs if r not in roles]
+        if lack:
+            problems.add(f"{name}: {kind} tensors {lack} are missing; the adapter file is incomplete")
+        return not lack
+
+    if kind == "LOHA":
+        if not need("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+            return
+        s1a, s1b, s2a, s2b = (shapes[roles[k]] for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+        r = s1b[0] if len(s1b) == 2 else -1
+        if not (len(s1a) == len(s2a) == 2 and s1a == s2a and s1b == s2b and s1a == (rows, r)
+                and s1b[1] == cols) or conv1d:
+            problems.add(f"{name}: hada_w1_a {list(s1a)} / hada_w1_b {list(s1b)} do not fit {t.name} {list(w)}")
+            return
+        if r != cfg.resolve_r(name):
+            problems.add(f"{name}: LoHa rank {r} but adapter_config.json says r={cfg.resolve_r(name)}")
+            return
+        scale = cfg.resolve_alpha(name) / r
+        t.ops.append(LohaRows(roles["hada_w1_a"], roles["hada_w1_b"], roles["hada_w2_a"], roles["hada_w2_b"],
+                              scale, name))
+    elif kind == "LOKR":
+        w1 = ("lokr_w1",) if "lokr_w1" in roles else ("lokr_w1_a", "lokr_w1_b")
+        w2 = ("lokr_w2",) if "lokr_w2" in roles else ("lokr_w2_a", "lokr_w2_b")
+        if not need(*w1, *w2):
+            return
+        d1 = _factor_shape([shapes[roles[k]] for k in w1])
+        d2 = _factor_shape([shapes[roles[k]] for k in w2])
+        if d1 is None or d2 is None or conv1d or (d1[0] * d2[0], d1[1] * d2[1]) != (rows, cols):
+            problems.add(f"{name}: LoKr factors {d1} x {d2} do not fit {t.name} {list(w)}")
+            return
+        # PEFT scales by alpha/r with the configured r even when w1/w2 are saved whole (spec §13)
+        scale = cfg.resolve_alpha(name) / cfg.resolve_r(name)
+        t.ops.append(LokrRows(tuple(roles[k] for k in w1), tuple(roles[k] for k in w2), scale, name))
+    elif kind == "IA3":
+        key = roles["ia3_l"]
+        shape = shapes[key]
+        if len(shape) != 2 or len(w) != 2:
+            problems.add(f"{name}: ia3_l {list(shape)} on {t.name} {list(w)}: only Linear and Conv1D are supported")
+            return
+        eff = (shape[1], shape[0]) if conv1d else shape  # PEFT transposes l for fan_in_fan_out layers
+        feedforward = shape[0] == 1 and shape[1] != 1  # [1, in] scales inputs; [out, 1] outputs (and the bias)
+        axis = "rows" if eff[1] == 1 and eff[0] == rows else "cols" if eff[0] == 1 and eff[1] == cols else ""
+        if not axis:
+            problems.add(f"{name}: ia3_l {list(shape)} does not fit {t.name} {list(w)}")
+            return
+        t.ops.append(Ia3Scale(key, axis))
+        bias = to_disk(f"{name}.bias")
+        if not feedforward and bias in ckpt.tensors:
+            bt = target(f"{name}.bias")
+            if bt is not None and math.prod(bt.shape) == max(shape):
+                bt.ops.append(Ia3Scale(key, "rows"))
+    elif kind == "VERA":
+        if not need("vera_lambda_b", "vera_lambda_d"):
+            return
+        a_shape, b_shape = adapter.shapes[VERA_SHARED[0]], adapter.shapes[VERA_SHARED[1]]
+        out_dim, in_dim = (w[1], w[0]) if conv1d else (w[0], w[1]) if len(w) == 2 else (-1, -1)
+        lb, ld = shapes[roles["vera_lambda_b"]], shapes[roles["vera_lambda_d"]]
+        ok = (len(w) == 2 and len(a_shape) == 2 and len(b_shape) == 2 and a_shape[0] == b_shape[1] == ld[0]
+              and lb == (out_dim,) and len(ld) == 1 and in_dim <= a_shape[1] and out_dim <= b_shape[0])
+        if not ok:
+            problems.add(f"{name}: vera_lambda_b {list(lb)} / vera_lambda_d {list(ld)} with vera_A {list(a_shape)} "
+                         f"/ vera_B {list(b_shape)} do not fit {t.name} {list(w)}")
+            return
+        t.ops.append(VeraRows(roles["vera_lambda_b"], roles["vera_lambda_d"], conv1d, name))
+
+
+def _factor_shape(shapes: list[tuple[int, ...]]) -> tuple[int, int] | None:
+    """Shape of a LoKr factor saved whole ([m, n]) or as `a @ b` ([m, k] @ [k, n]); None for other forms."""
+    if len(shapes) == 1 and len(shapes[0]) == 2:
+        return shapes[0]
+    if len(shapes) == 2 and all(len(x) == 2 for x in shapes) and shapes[0][1] == shapes[1][0]:
+        return shapes[0][0], shapes[1][1]
+    return None

@@ -246,10 +246,8 @@ def test_lora_bias(wd, qwen2):
     assert ulp_diff(out_t["model.layers.0.self_attn.k_proj.bias"], want.to(torch.bfloat16)) <= 1
 
 
-# 10. other PEFT types (not implemented yet: strict xfail, so implementing one flips it to a failure here
-#     and in test_refusals.py::test_refuses_other_peft_types, which must then both be updated) -----------
+# 10. other PEFT types (spec §13), same streaming engine ----------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="not implemented", raises=NotImplementedError)
 @pytest.mark.parametrize("kind", ["LOHA", "LOKR", "IA3", "VERA"])
 def test_other_peft_types_match_peft(wd, llama, kind):
     ad = vh.other_peft_adapter(llama, wd / f"ad-{kind}", kind)
@@ -257,6 +255,28 @@ def test_other_peft_types_match_peft(wd, llama, kind):
     if kind == "IA3":
         must |= {"model.layers.0.mlp.down_proj.weight"}
     _merge_and_compare(wd, kind, llama, ad, must)
+
+
+@pytest.mark.parametrize("kind", ["IA3", "VERA"])
+def test_other_peft_types_on_conv1d(wd, gpt2, kind):
+    """GPT-2 Conv1D ([in, out] weights): PEFT transposes the IA3 vector and the VeRA delta, and IA3 on a
+    non-feed-forward layer scales its bias too."""
+    import peft
+
+    cfg = {
+        "IA3": peft.IA3Config(target_modules=["c_attn", "c_fc"], feedforward_modules=["c_fc"],
+                              init_ia3_weights=False),
+        "VERA": peft.VeraConfig(r=4, target_modules=["c_attn", "c_fc"], save_projection=True),
+    }[kind]
+    torch.manual_seed(3)
+    pm = peft.get_peft_model(vh.load_causal(gpt2), cfg)
+    vh.perturb(pm, lambda n: "vera_lambda" in n or "ia3_l" in n, multiplicative=kind == "IA3")
+    ad = wd / f"ad-{kind}-conv1d"
+    pm.save_pretrained(str(ad))
+    must = {f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")}
+    if kind == "IA3":
+        must |= {"transformer.h.0.attn.c_attn.bias"}  # scaled with the outputs; c_fc (feed-forward) keeps its own
+    _merge_and_compare(wd, f"{kind}-conv1d", gpt2, ad, must)
 
 
 def test_dora_conv2d_custom_module(wd):
