@@ -18,13 +18,15 @@ import argparse
 import importlib.metadata
 import json
 import math
-import struct
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from streammerge.writer import PlannedTensor, ShardWriter, parse_size, plan_shards, shard_file_names, write_index  # noqa: E402
 
 PRESETS = {
     # Shapes of the real Qwen/Qwen3-1.7B and Qwen/Qwen3-8B configs; "tiny" is the same architecture shrunk.
@@ -104,75 +106,8 @@ def lora_module_shapes(p: dict) -> list[tuple[str, int, int]]:
     ]
 
 
-def parse_size(s: str | int) -> int:
-    """'2GB' -> 2_000_000_000, '2GiB' -> 2**31, '500MB', '1000' (bytes); like huggingface_hub."""
-    if isinstance(s, int):
-        return s
-    t = s.strip().upper()
-    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "KIB": 2**10,
-             "TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "B": 1}
-    for u, mult in units.items():
-        if t.endswith(u):
-            return int(float(t[: -len(u)]) * mult)
-    return int(t)
-
-
-def plan_shards(specs: list[TensorSpec], max_bytes: int, elem_size: int = 2) -> list[list[TensorSpec]]:
-    """Greedy in-order split as transformers/huggingface_hub do: a tensor that does not fit starts a new shard."""
-    shards: list[list[TensorSpec]] = [[]]
-    cur = 0
-    for s in specs:
-        size = s.numel * elem_size
-        if shards[-1] and cur + size > max_bytes:
-            shards.append([])
-            cur = 0
-        shards[-1].append(s)
-        cur += size
-    return shards
-
-
 # --------------------------------------------------------------------------------------------------------------
 # writing
-
-_ST_DTYPES = {"bf16": ("BF16", np.uint16, 2), "f32": ("F32", np.float32, 4)}
-
-
-class StreamingSafetensorsWriter:
-    """Write a .safetensors file whose header is known up front, tensor by tensor, in the given order.
-
-    Holds at most one tensor in memory (safetensors' save_file wants the whole dict, and copies it once more)."""
-
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata=None):
-        header: dict = {}
-        if metadata:
-            header["__metadata__"] = metadata
-        offset = 0
-        self._expected = []
-        for name, dtype, shape in entries:
-            nbytes = _ST_DTYPES[dtype][2] * math.prod(shape)
-            header[name] = {"dtype": _ST_DTYPES[dtype][0], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._expected.append((name, tuple(shape), nbytes))
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # safetensors pads the header so the data section is 8-byte aligned
-        self.data_bytes = offset
-        self._f = open(path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
-        self._i = 0
-
-    def write(self, name: str, a: np.ndarray) -> None:
-        ename, eshape, nbytes = self._expected[self._i]
-        if name != ename or tuple(a.shape) != eshape or a.nbytes != nbytes:
-            raise ValueError(f"expected {ename} {eshape}, got {name} {a.shape}")
-        self._f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
-        self._i += 1
-
-    def close(self) -> None:
-        self._f.close()
-        if self._i != len(self._expected):
-            raise ValueError(f"only {self._i} of {len(self._expected)} tensors written")
-
 
 def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bit patterns (uint16), round to nearest even (x must be finite)."""
@@ -219,29 +154,23 @@ class WeightSource:
 
 
 def write_base_weights(base: Path, p: dict, max_shard: int, seed: int, log) -> tuple[int, int, int]:
-    specs = base_tensor_specs(p)
-    shards = plan_shards(specs, max_shard)
-    src = WeightSource(seed, max(s.numel for s in specs))
-    total_size = 0
-    weight_map: dict[str, str] = {}
-    n = len(shards)
-    for idx, shard in enumerate(shards, 1):
-        fname = "model.safetensors" if n == 1 else f"model-{idx:05d}-of-{n:05d}.safetensors"
+    specs = {s.name: s for s in base_tensor_specs(p)}
+    shards = plan_shards([PlannedTensor(s.name, "BF16", s.shape) for s in specs.values()], max_shard)
+    names = shard_file_names(len(shards))
+    src = WeightSource(seed, max(s.numel for s in specs.values()))
+    for shard, fname in zip(shards, names):
         t0 = time.time()
-        shard = sorted(shard, key=lambda s: s.name)  # safetensors' save_file lays data out sorted by name
-        w = StreamingSafetensorsWriter(base / fname, [(s.name, "bf16", s.shape) for s in shard], {"format": "pt"})
-        for s in shard:
-            w.write(s.name, src.norm(s.shape) if s.kind == "norm" else src.linear(s.shape))
-            weight_map[s.name] = fname
-        w.close()
-        total_size += w.data_bytes
-        log(f"  {fname}: {len(shard)} tensors, {human(w.data_bytes)}, {time.time() - t0:.1f}s")
-    if n > 1:
-        # Same content and formatting as transformers 5 save_pretrained (sorted keys, indent 2, newline).
-        index = {"metadata": {"total_parameters": sum(s.numel for s in specs), "total_size": total_size},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (base / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return total_size, n, sum(s.numel for s in specs)
+        # streammerge's own streaming writer: one tensor in memory at a time, bytes as save_file lays them out
+        with ShardWriter(base / fname, shard) as w:
+            for t in w.order:
+                s = specs[t.name]
+                w.write(t.name, memoryview(src.norm(s.shape) if s.kind == "norm" else src.linear(s.shape)))
+        log(f"  {fname}: {len(shard)} tensors, {human(sum(t.nbytes for t in shard))}, {time.time() - t0:.1f}s")
+    numel = sum(s.numel for s in specs.values())
+    if len(shards) > 1:
+        # the same content as transformers 5 save_pretrained writes
+        write_index(base / "model.safetensors.index.json", shards, names, {"total_parameters": numel})
+    return sum(t.nbytes for shard in shards for t in shard), len(shards), numel
 
 
 def human(nbytes: float) -> str:
@@ -363,13 +292,13 @@ def write_adapter(adapter: Path, p: dict, rank: int, alpha: int, seed: int, base
         arrays[pre + ".lora_A.weight"] = ((rank, fin), lambda fin=fin, b=bound: rng.uniform(-b, b, (rank, fin)).astype(np.float32))
         arrays[pre + ".lora_B.weight"] = ((fout, rank), lambda fout=fout: (rng.standard_normal((fout, rank), dtype=np.float32) * 0.01))
     names = sorted(arrays)  # draw in name order so the file is a function of the seed only
-    w = StreamingSafetensorsWriter(adapter / "adapter_model.safetensors", [(k, "f32", arrays[k][0]) for k in names], {"format": "pt"})
-    for k in names:
-        w.write(k, arrays[k][1]())
-    w.close()
+    planned = [PlannedTensor(k, "F32", arrays[k][0]) for k in names]
+    with ShardWriter(adapter / "adapter_model.safetensors", planned) as w:
+        for k in names:
+            w.write(k, memoryview(np.ascontiguousarray(arrays[k][1]())))
     cfg = adapter_config(p, rank, alpha, base_path)
     (adapter / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    return w.data_bytes
+    return sum(t.nbytes for t in planned)
 
 
 def main(argv=None) -> int:
