@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-# sync_file_range lets us start writeback of what was just written without waiting for it, and later wait for
-# an older range only: the disk stays busy through the merge, dirty pages stay few, and the final fsync is short.
-_SYNC_WAIT_BEFORE, _SYNC_WRITE, _SYNC_WAIT_AFTER = 1, 2, 4
+# sync_file_range starts writeback of what was just written without waiting for it: the disk stays busy through
+# the merge, dirty pages stay few, and the final fsync is short.
+_SYNC_WRITE = 2  # SYNC_FILE_RANGE_WRITE: start writeback of dirty pages in the range, do not wait
 _libc = None
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -90,33 +90,25 @@ class WriteBehind:
 
 
 class Writeback:
-    """Starts writeback every `chunk` bytes of a file and drops the pages that are already on disk."""
+    """Starts writeback every `chunk` bytes of a file, never waiting for it, and drops from the page cache the
+    range started two chunks earlier (pages still under writeback are simply kept by the kernel). The disk stays
+    busy through the merge, dirty pages stay few, and the final fsync has little left to wait for."""
 
     def __init__(self, fd: int, chunk: int = 64 * 2**20) -> None:
         self.fd = fd
         self.chunk = chunk
         self._started = 0   # bytes whose writeback was started
-        self._done = 0      # bytes known to be on disk and dropped from the cache
+        self._prev = 0      # where the previous round started
+        self._dropped = 0   # bytes dropped from the page cache
 
     def advance(self, written: int) -> None:
         if written - self._started < self.chunk:
             return
         if _sync_file_range is None:
             os.fdatasync(self.fd)
-            self._drop(written)
-            self._started = written
-            return
-        if _sync_file_range(self.fd, self._started, written - self._started, _SYNC_WRITE) != 0:
+        elif _sync_file_range(self.fd, self._started, written - self._started, _SYNC_WRITE) != 0:
             raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-        # wait only for the range started a round earlier: it has had a whole chunk's time to reach the disk
-        if self._started > self._done:
-            flags = _SYNC_WAIT_BEFORE | _SYNC_WRITE | _SYNC_WAIT_AFTER
-            if _sync_file_range(self.fd, self._done, self._started - self._done, flags) != 0:
-                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-            self._drop(self._started)
-        self._started = written
-
-    def _drop(self, upto: int) -> None:
-        if hasattr(os, "posix_fadvise") and upto > self._done:
-            os.posix_fadvise(self.fd, self._done, upto - self._done, os.POSIX_FADV_DONTNEED)
-        self._done = upto
+        if hasattr(os, "posix_fadvise") and self._prev > self._dropped:
+            os.posix_fadvise(self.fd, self._dropped, self._prev - self._dropped, os.POSIX_FADV_DONTNEED)
+            self._dropped = self._prev
+        self._prev, self._started = self._started, written
