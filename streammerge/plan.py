@@ -394,7 +394,7 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     # every module-side tensor name the adapter touches
     wanted: list[str] = []
     for m in modules.values():
-        if m.roles.keys() & {"A", "B", "emb_A", "emb_B", "magnitude", "tokens"} | OTHER_TYPE_ROLES:
+        if m.roles.keys() & ({"A", "B", "emb_A", "emb_B", "magnitude", "tokens"} | OTHER_TYPE_ROLES):
             wanted.append(f"{m.name}.weight")
         if "lora_bias" in m.roles:
             wanted.append(f"{m.name}.bias")
@@ -479,7 +479,8 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     for m in modules.values():
         if m.name in used_head_clones:
             continue
-        if m.roles.keys() & OTHER_TYPE_ROLES:
+        if cfg.peft_type != "LORA" or m.roles.keys() & OTHER_TYPE_ROLES:
+            # checks that every tensor of the module belongs to the adapter's type
             _plan_other_type(m, adapter, cfg, model_type, target, to_disk, ckpt, problems)
         else:
             _plan_module(m, adapter, cfg, model_type, target, problems)

@@ -662,12 +662,22 @@ def test_disk_full_precheck_real_tmpfs(capsys, tmp_path, tmpfs):
 # adapter config
 
 
-@pytest.mark.parametrize("peft_type", ["LOHA", "IA3", "PREFIX_TUNING"])
+@pytest.mark.parametrize("peft_type", ["OFT", "BOFT", "PREFIX_TUNING"])
 def test_unsupported_peft_type(capsys, base, adapter, out, peft_type):
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     cfg["peft_type"] = peft_type
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     fails(capsys, merge_argv(base, adapter, out), UNSUPPORTED, "adapter_config.json", peft_type, "merge_and_unload",
+          output=out)
+
+
+@pytest.mark.parametrize("peft_type", ["IA3", "LOHA"])
+def test_peft_type_disagrees_with_tensors(capsys, base, adapter, out, peft_type):
+    """A supported type whose file holds LoRA tensors: nothing is merged as the wrong kind."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["peft_type"] = peft_type
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    fails(capsys, merge_argv(base, adapter, out), PLAN, Q_PROJ, "lora_A.weight", f"a {peft_type} adapter",
           output=out)
 
 
@@ -835,7 +845,7 @@ def test_api_raises_typed_errors(base, adapter, out, tmp_path, kind, exc):
         a = ht.make_adapter(tmp_path / "ad2", ht.make_base(tmp_path / "b2", hidden=32))
     elif kind == "unsupported":
         cfg = json.loads((adapter / "adapter_config.json").read_text())
-        cfg["peft_type"] = "LOHA"
+        cfg["peft_type"] = "OFT"
         (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     elif kind == "numeric":
         _overflowing_adapter(adapter)
