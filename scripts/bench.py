@@ -334,7 +334,8 @@ def render(b: Bench, info: dict, args, cmdline: str, floor: RunResult | None, no
     L.append(f"- Base: `{args.base}` ({base_size / 1e9:.2f} GB on disk); adapter: `{args.adapter}`")
     L.append(f"- Command: `{cmdline}`")
     L.append("- Page cache: not dropped; one untimed `cp -r` of the base and a read of the adapter warmed it first, "
-             "so every contender reads from a warm cache. Outputs deleted and `sync` run between runs (untimed).")
+             "and the base is read back into the cache before every run, so every contender reads from a warm cache. "
+             "Outputs deleted and `sync` run between runs (untimed).")
     L.append(f"- CPU = user+sys seconds of the process tree; load = 1-min load average at the start of the run "
              f"(above {info['cpus']} means other work was competing for the CPUs and wall times are inflated).")
     L.append("- Peak anon = max over 20 ms samples of the summed `RssAnon` of the process and its descendants "
