@@ -123,7 +123,8 @@ def merge(
                     say(f"[2/3] Merge: writing {len(shards)} shard(s)")
                     written = _write_shards(plan, shards, names, staging.path, lora, block_bytes, progress, mem,
                                              clamp_f16)
-                    say(f"[3/3] Write: index, config and {len(extra)} file(s)")
+                    others = len([f for f in extra if f != "config.json"])
+                    say(f"[3/3] Write: index, config.json and {others} other file(s) (tokenizer, templates, code)")
                     if len(shards) > 1:
                         write_index(staging.path / INDEX_NAME, shards, names)
                     copy_side_files(extra, staging.path)
