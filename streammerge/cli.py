@@ -86,28 +86,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["verify"]:
         vparser = build_verify_parser()
         vargs = vparser.parse_args(argv[1:])
-        if vargs.max_memory is not None:
-            from .writer import parse_size
-
-            try:
-                parse_size(vargs.max_memory)
-            except ValueError as e:
-                vparser.error(f"argument --max-memory: {e}")
+        _check_sizes(vparser, {"--max-memory": vargs.max_memory})
         vtoken = vargs.hf_token or os.environ.get("HF_TOKEN") or None
         return _run(lambda: _verify(vargs, vtoken), vtoken)
     parser = build_parser()
     args = parser.parse_args(argv)
     token = args.hf_token or os.environ.get("HF_TOKEN") or None
-    for flag, value in (("--max-shard-size", args.max_shard_size), ("--max-memory", args.max_memory)):
-        if value is None:
-            continue
-        try:
-            from .writer import parse_size
-
-            parse_size(value)
-        except ValueError as e:
-            parser.error(f"argument {flag}: {e}")
+    _check_sizes(parser, {"--max-shard-size": args.max_shard_size, "--max-memory": args.max_memory})
     return _run(lambda: _merge(args, token), token)
+
+
+def _check_sizes(parser: argparse.ArgumentParser, flags: dict[str, str | None]) -> None:
+    """Size flags ("5GB", "256MB") are user input: a bad one is a usage error (exit 2), not a failed merge."""
+    from .writer import parse_size
+
+    for flag, value in flags.items():
+        if value is not None:
+            try:
+                parse_size(value)
+            except ValueError as e:
+                parser.error(f"argument {flag}: {e}")
 
 
 def _printer(token: str | None) -> Callable[[str], None]:
