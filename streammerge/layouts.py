@@ -10,8 +10,9 @@ that both fit but disagree are an error, never a guess.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 Rule = tuple[str, str]
 
@@ -51,15 +52,49 @@ LOADER_CHOICES = ("auto", *LAYOUTS)
 
 @dataclass(frozen=True)
 class Layout:
-    """A named set of rewrites from module names to checkpoint names."""
+    """A named set of rewrites from module names to checkpoint names (or an explicit map of them)."""
 
     name: str
     rules: tuple[Rule, ...]
+    names: Mapping[str, str] | None = None  # module name -> disk name, from transformers (derived_layout)
 
     def to_disk(self, module_tensor: str) -> str:
+        if self.names is not None:
+            return self.names.get(module_tensor, module_tensor)
         for pattern, repl in self.rules:
             module_tensor = re.sub(pattern, repl, module_tensor, count=1)
         return module_tensor
+
+
+def derived_layout(root: Path, disk: Iterable[str]) -> Layout | None:
+    """The base's own disk -> module renames, as transformers applies them when it loads this checkpoint.
+
+    Only used when no built-in layout places every adapter tensor, and only when transformers is importable: the
+    model is built on the meta device (no weights), and each disk name goes through its `WeightRenaming`s.
+    Converters (fusing, splitting) are left out: adapters address the tensors they produce by the renamed name.
+    """
+    try:
+        import torch
+        import transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+        config = transformers.AutoConfig.from_pretrained(str(root))
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        if cls is None:
+            return None
+        with torch.device("meta"):
+            model = cls(config)
+        renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+    except Exception:  # noqa: BLE001 - no transformers, an unknown or custom architecture: the built-ins stand
+        return None
+    names: dict[str, str] = {}
+    for disk_name in disk:
+        module_name = apply_renamings(disk_name, renamings)
+        if module_name in names:  # two disk tensors for one module tensor: not a plain renaming
+            return None
+        names[module_name] = disk_name
+    return Layout("transformers", (), names)
 
 
 def candidates(loader: str) -> list[Layout]:
@@ -83,7 +118,8 @@ class LayoutChoice:
 
 
 def choose_layout(
-    names: Iterable[str], disk: Mapping[str, object], loader: str, optional: Iterable[str] = ()
+    names: Iterable[str], disk: Mapping[str, object], loader: str, optional: Iterable[str] = (),
+    derive: Callable[[], Layout | None] | None = None,
 ) -> tuple[LayoutChoice, list[LayoutChoice]]:
     """Pick the layout that places the most names on existing disk tensors.
 
@@ -93,8 +129,8 @@ def choose_layout(
     """
     names = list(dict.fromkeys(names))
     optional = set(optional)
-    results: list[LayoutChoice] = []
-    for layout in candidates(loader):
+
+    def place(layout: Layout) -> LayoutChoice:
         mapping, missing = {}, []
         for n in names:
             d = layout.to_disk(n)
@@ -102,7 +138,13 @@ def choose_layout(
                 mapping[n] = d
             else:
                 missing.append(n)
-        results.append(LayoutChoice(layout, mapping, tuple(missing)))
+        return LayoutChoice(layout, mapping, tuple(missing))
+
+    results = [place(layout) for layout in candidates(loader)]
+    if loader == "auto" and derive is not None and all(c.missing for c in results):
+        derived = derive()
+        if derived is not None:
+            results.append(place(derived))
     # fewest missing first; among equals the earlier (simpler) layout, so plain names win ties of identical maps
     results.sort(key=lambda c: len(c.missing))
     best = results[0]

@@ -20,7 +20,7 @@ import torch
 from .adapter import Adapter
 from .checkpoint import ITEMSIZE, TORCH_TO_ST, Checkpoint, TensorInfo
 from .errors import AdapterError, PlanError, UnsupportedError
-from .layouts import choose_layout
+from .layouts import choose_layout, derived_layout
 
 PREFIX = "base_model.model."
 
@@ -407,7 +407,8 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     tied_config = bool(tie_flags[0]) if tie_flags else False
     optional = {n for n in wanted if n.split(".")[-2:-1] == ["lm_head"]} if tied_config else set()
 
-    choice, rivals = choose_layout(wanted, ckpt.tensors, loader, optional=optional)
+    choice, rivals = choose_layout(wanted, ckpt.tensors, loader, optional=optional,
+                                   derive=lambda: derived_layout(ckpt.root, ckpt.tensors))
     if rivals:
         alts = ", ".join(sorted({c.layout.name for c in rivals}))
         raise PlanError(
