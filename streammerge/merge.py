@@ -222,10 +222,15 @@ def _emit(t: OutTensor, writer: ShardWriter, reader: TensorReader, lora: Adapter
     total = 0
     from_base = t.base is not None and t.replacement is None
     for r0, r1, y, buf in merged_rows(t, reader, lora, block_bytes, clamp_f16, take=pool.take):
-        sink.submit(lambda y=y: writer.write(t.name, y), buf)
-        if from_base:
-            # the rows are in `y` now: drop their pages here, off the writer thread (the busier one)
-            reader.release(t.base, r0, r1)
+
+        def write(y: torch.Tensor = y, r0: int = r0, r1: int = r1) -> None:
+            writer.write(t.name, y)
+            if from_base:
+                # the rows are in `y`: their source pages can go (on this thread, which has slack; the main
+                # thread's math is the critical path)
+                reader.release(t.base, r0, r1)
+
+        sink.submit(write, buf)
         n = y.numel() * y.element_size()
         total += n
         if bar is not None:

@@ -90,20 +90,60 @@ class WriteBehind:
 
 
 class Writeback:
-    """Starts writeback every `chunk` bytes of a file, never waiting for it, and drops from the page cache the
-    range started two chunks earlier (pages still under writeback are simply kept by the kernel). The disk stays
-    busy through the merge, dirty pages stay few, and the final fsync has little left to wait for."""
+    """Writeback of a file being written, on a thread of its own.
+
+    Every `chunk` bytes it starts writeback of what was written (sync_file_range, which blocks while the device
+    queue is full, so never on the writer thread) and drops from the page cache the range started a round
+    earlier (pages still under writeback are simply kept by the kernel). The disk stays busy through the merge,
+    dirty pages stay few, and the final fsync has little left to wait for.
+    """
 
     def __init__(self, fd: int, chunk: int = 64 * 2**20) -> None:
         self.fd = fd
         self.chunk = chunk
+        self._written = 0
         self._started = 0   # bytes whose writeback was started
         self._prev = 0      # where the previous round started
         self._dropped = 0   # bytes dropped from the page cache
+        self._error: OSError | None = None
+        self._stop = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="streammerge-writeback", daemon=True)
+        self._thread.start()
 
     def advance(self, written: int) -> None:
-        if written - self._started < self.chunk:
-            return
+        """Record that `written` bytes are in the file (cheap: the work happens on the writeback thread)."""
+        if self._error is not None:
+            raise self._error
+        if written - self._started >= self.chunk:
+            with self._wake:
+                self._written = written
+                self._wake.notify()
+
+    def close(self) -> None:
+        """Stop the thread; re-raise a failure it met."""
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stop and self._written - self._started < self.chunk:
+                    self._wake.wait()
+                if self._stop:
+                    return
+                written = self._written
+            try:
+                self._round(written)
+            except OSError as e:
+                self._error = e
+                return
+
+    def _round(self, written: int) -> None:
         if _sync_file_range is None:
             os.fdatasync(self.fd)
         elif _sync_file_range(self.fd, self._started, written - self._started, _SYNC_WRITE) != 0:

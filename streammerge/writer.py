@@ -347,6 +347,11 @@ class ShardWriter:
             self._put(view)
             self._writeback()
 
+    def _stop_writeback(self) -> None:
+        wb, self._wb = self._wb, None
+        if wb is not None:
+            wb.close()
+
     def _writeback(self) -> None:
         if self._wb is not None:
             try:
@@ -431,6 +436,7 @@ class ShardWriter:
             )
         self._flush()
         try:
+            self._stop_writeback()  # its thread uses the fd: stop it before the fd goes
             os.fsync(self._fd)
         except OSError as exc:
             raise self._fail(exc) from None
@@ -447,6 +453,10 @@ class ShardWriter:
             return
         self.state = WriterState.ABORTED
         self._buf = bytearray()
+        try:
+            self._stop_writeback()
+        except OSError:
+            pass  # the file is being deleted anyway
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
             try:
