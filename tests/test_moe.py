@@ -131,3 +131,36 @@ def test_v4_per_expert_adapter(wd, use_rslora):
         assert worst > 0.05, f"PEFT was expected to mis-scale rsLoRA v4 MoE adapters (diff {worst})"
     else:
         assert worst < 1e-4, f"PEFT's conversion of a plain v4 MoE adapter should match the formula ({worst})"
+
+
+def test_target_parameters_on_experts_fused_on_disk_gpt_oss(tmp_path):
+    """GPT-OSS keeps its experts fused on disk, `[E, in, out]` (`is_transposed`): the per-expert delta
+    `(B_e @ A_e)^T * s` is added to each expert's slice of the fused tensor (spec §12). Oracle: PEFT's merge on
+    the float32-loaded base, rounded once to bf16."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=E,
+                               num_experts_per_tok=2, max_position_embeddings=64, layer_types=["full_attention"])
+    AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    base_t = read_checkpoint(tmp_path / "base")
+    fused = "model.layers.0.mlp.experts.gate_up_proj"
+    assert base_t[fused].shape == (E, 32, 48)  # fused on disk, [E, in, out]
+
+    lc = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False,
+                    target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    pm = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16), lc)
+    pm.save_pretrained(tmp_path / "adapter")
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32),
+                                    tmp_path / "adapter").merge_and_unload().state_dict()
+
+    run_merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    out_t = read_checkpoint(tmp_path / "out")
+    assert set(out_t) == set(base_t)
+    for name in (fused, "model.layers.0.mlp.experts.down_proj", "model.layers.0.self_attn.q_proj.weight"):
+        assert not torch.equal(out_t[name], base_t[name]), name
+        assert ulp_diff(out_t[name], ref[name].to(torch.bfloat16)) <= 1, name
+    assert torch.equal(out_t["model.layers.0.mlp.experts.gate_up_proj_bias"],
+                       base_t["model.layers.0.mlp.experts.gate_up_proj_bias"])
