@@ -149,3 +149,31 @@ def test_converted_pissa_is_accepted(wd, base, tmp_path):
     ref = vh.reference_on_disk(base, conv_dir, tmp_path / "ref")
     vh.compare_to_reference(read_checkpoint(out), read_checkpoint(base), ref,
                             {"model.layers.0.self_attn.q_proj.weight"})
+
+
+def test_multihead_attention_adapter_is_not_merged(tmp_path):
+    """PEFT wraps nn.MultiheadAttention with LoRA on `in_proj_weight` (and applies the out_proj delta twice,
+    spec §15.2). streammerge does not implement that wrapper: planning fails, naming the module, and nothing is
+    written (rather than a merge onto the wrong tensor)."""
+    import torch.nn as nn
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    errors = _errors()
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+    torch.manual_seed(0)
+    net = Net()
+    (tmp_path / "base").mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp_path / "base" / "model.safetensors"),
+              metadata={"format": "pt"})
+    pm = get_peft_model(net, LoraConfig(r=2, target_modules=["mha"], init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path / "adapter"))
+    with pytest.raises(errors.PlanError, match=r"mha\.weight"):
+        run_merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
+    vh.expect_nothing_written(tmp_path / "out")
