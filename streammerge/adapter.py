@@ -11,6 +11,7 @@ import json
 import math
 import re
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from .checkpoint import TensorInfo, TensorReader, read_header
-from .errors import AdapterError, MissingFileError, UnsupportedError
+from .errors import AdapterError, MissingFileError, NumericError, UnsupportedError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -43,6 +44,9 @@ _INERT_FIELDS = {
 # PEFT types with a merge here: LoRA (incl. rsLoRA, DoRA, target_parameters) and the additive/multiplicative
 # types whose delta is a per-tensor formula of saved tensors (spec §13)
 SUPPORTED_TYPES = ("LORA", "LOHA", "LOKR", "IA3", "VERA")
+
+# float32 factors kept by Adapter.factor: enough for the A and B of two fused expert parameters at once
+FACTOR_CACHE = 8
 
 # init_lora_weights values that rewrite the base weight when PEFT loads the adapter (spec §2.3): merging them
 # into the original base gives different numbers from what was trained.
@@ -104,6 +108,7 @@ class Adapter:
     _infos: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
     _loaded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _reader: TensorReader | None = field(default=None, repr=False)
+    _factors: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict, repr=False)
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor stored under `key` (a zero-copy view where possible)."""
@@ -115,6 +120,24 @@ class Adapter:
 
     def get_f32(self, key: str) -> torch.Tensor:
         return self.get(key).to(torch.float32)
+
+    def factor(self, key: str) -> torch.Tensor:
+        """`key` as float32, checked once for NaN/Inf.
+
+        The last few are kept: fused MoE factors serve every expert's tensor in turn (E x 3 output tensors per
+        layer), and converting and scanning them again for each would be wasted passes over the whole tensor.
+        """
+        t = self._factors.pop(key, None)
+        if t is None:
+            t = self.get_f32(key)
+            bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+            if bad:
+                raise NumericError(f"{self.weights_path}: adapter tensor {key} has {bad} NaN/Inf values (training "
+                                   "diverged?); use an earlier checkpoint of the adapter")
+        self._factors[key] = t
+        while len(self._factors) > FACTOR_CACHE:
+            self._factors.popitem(last=False)
+        return t
 
     def close(self) -> None:
         if self._reader is not None:

@@ -355,7 +355,7 @@ class _Prepared:
     def __init__(self, op, lora: Adapter) -> None:
         self.op = op
         if isinstance(op, (LoraRows, LoraCols, LoraExperts)):
-            a, b = _checked(lora, op.a), _checked(lora, op.b)
+            a, b = lora.factor(op.a), lora.factor(op.b)
             if isinstance(op, LoraRows):
                 if op.expert is not None:
                     # one expert of fused factors: A rows grouped by expert, B columns interleaved (spec §12)
@@ -368,20 +368,20 @@ class _Prepared:
             else:
                 self.a, self.b = a, b
         elif isinstance(op, TokenRows):
-            values = _checked(lora, op.key).to(DTYPES[op.base_dtype]).float()
+            values = lora.factor(op.key).to(DTYPES[op.base_dtype]).float()
             self.indices = torch.tensor(op.indices, dtype=torch.long)
             self.values = values
         elif isinstance(op, (BiasAdd, DoraRows, DoraCols, Ia3Scale)):
-            self.v = _checked(lora, op.key).reshape(-1)
+            self.v = lora.factor(op.key).reshape(-1)
         elif isinstance(op, LohaRows):
-            self.w1a, self.w1b, self.w2a, self.w2b = (_checked(lora, k) for k in (op.w1a, op.w1b, op.w2a, op.w2b))
+            self.w1a, self.w1b, self.w2a, self.w2b = (lora.factor(k) for k in (op.w1a, op.w1b, op.w2a, op.w2b))
         elif isinstance(op, LokrRows):
-            w1, w2 = ([_checked(lora, k) for k in keys] for keys in (op.w1, op.w2))
+            w1, w2 = ([lora.factor(k) for k in keys] for keys in (op.w1, op.w2))
             self.w1 = w1[0] if len(w1) == 1 else w1[0] @ w1[1]
             self.w2 = w2[0] if len(w2) == 1 else w2[0] @ w2[1]
         elif isinstance(op, VeraRows):
-            a, b = _checked(lora, VERA_SHARED[0]), _checked(lora, VERA_SHARED[1])
-            lambda_b, lambda_d = _checked(lora, op.lambda_b), _checked(lora, op.lambda_d)
+            a, b = lora.factor(VERA_SHARED[0]), lora.factor(VERA_SHARED[1])
+            lambda_b, lambda_d = lora.factor(op.lambda_b), lora.factor(op.lambda_d)
             # exactly PEFT's factors: (lambda_b * B[:out]) and (lambda_d * A[:, :in]), rounded in float32
             out_dim = lambda_b.shape[0]
             self.b = lambda_b.unsqueeze(-1) * b[:out_dim]
@@ -421,12 +421,3 @@ class _Prepared:
                 kernels.add_lora_cols(w, self.a_full[:, r0:r1], self.b, 1.0)
             else:
                 kernels.add_lora_rows(w, self.a_full[:, : w.shape[1]], self.b[r0:r1], 1.0, tmp)
-
-
-def _checked(lora: Adapter, key: str) -> torch.Tensor:
-    t = lora.get_f32(key)
-    bad = kernels.nonfinite_count(t)
-    if bad:
-        raise NumericError(f"{lora.weights_path}: adapter tensor {key} has {bad} NaN/Inf values (training diverged?); "
-                           "use an earlier checkpoint of the adapter")
-    return t

@@ -70,6 +70,30 @@ def test_target_parameters_fused_experts_split_per_expert(wd, mt):
     vh.compare_to_reference(read_checkpoint(out), read_checkpoint(base), ref, must)
 
 
+def test_fused_factors_are_read_once_per_merge(wd, tmp_path, monkeypatch):
+    """Every expert's w1/w3/w2 uses a slice of the same fused factors: they are converted and scanned for
+    NaN/Inf once per merge, not once per expert tensor (E x 3 per layer)."""
+    from collections import Counter
+
+    from streammerge.adapter import Adapter
+
+    base = _base(wd, "mixtral")
+    ad = vh.save_adapter(vh.load_causal(base), tmp_path / "ad", target_modules=["q_proj"],
+                         target_parameters=["experts.gate_up_proj", "experts.down_proj"])
+    loads: Counter = Counter()
+    real = Adapter.get_f32
+
+    def counting(self, key):
+        loads[key] += 1
+        return real(self, key)
+
+    monkeypatch.setattr(Adapter, "get_f32", counting)
+    run_merge(base, ad, tmp_path / "out")
+    fused = {k: n for k, n in loads.items() if ".experts." in k}
+    assert len(fused) == 2 * 2 * 2  # 2 layers x (gate_up, down) x (A, B)
+    assert set(fused.values()) == {1}, fused
+
+
 # (ii) transformers-4 per-expert adapter, built by hand ---------------------------------------------------
 
 def _v4_adapter(wd, base, name, *, use_rslora, r=4, alpha=8, seed=3):
