@@ -20,6 +20,7 @@ import torch
 
 from .checkpoint import TensorInfo, TensorReader, read_header
 from .errors import AdapterError, MissingFileError, NumericError, UnsupportedError
+from .kernels import nonfinite_count
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -130,7 +131,7 @@ class Adapter:
         t = self._factors.pop(key, None)
         if t is None:
             t = self.get_f32(key)
-            bad = int((~torch.isfinite(t)).sum()) if t.is_floating_point() else 0
+            bad = nonfinite_count(t)
             if bad:
                 raise NumericError(f"{self.weights_path}: adapter tensor {key} has {bad} NaN/Inf values (training "
                                    "diverged?); use an earlier checkpoint of the adapter")
