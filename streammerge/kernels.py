@@ -12,11 +12,6 @@ import torch
 from torch import Tensor
 
 
-def delta(a: Tensor, b: Tensor, scale: float) -> Tensor:
-    """The full LoRA delta `(B @ A) * s` in float32, shape `[out, in]` (for tests and small tensors)."""
-    return (b.float() @ a.float()) * scale
-
-
 def tile_rows(cols: int) -> int:
     """Rows per matmul tile for a weight with `cols` columns.
 

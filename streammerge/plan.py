@@ -226,10 +226,6 @@ class OutTensor:
         return math.prod(self.shape) * ITEMSIZE[self.dtype]
 
     @property
-    def source_dtype(self) -> str:
-        return self.base.dtype if self.replacement is None else ""
-
-    @property
     def raw_copy(self) -> bool:
         return self.replacement is None and not self.ops and self.base is not None and self.base.dtype == self.dtype
 
