@@ -11,7 +11,9 @@ import json
 import math
 import re
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import permutations
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 from .adapter import Adapter
 from .checkpoint import ITEMSIZE, TORCH_TO_ST, Checkpoint, TensorInfo
 from .errors import AdapterError, PlanError, UnsupportedError
-from .layouts import choose_layout, derived_layout
+from .layouts import candidates, choose_layout, derived_layout
 
 PREFIX = "base_model.model."
 
@@ -381,7 +383,8 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
                     problems.add(f"{target}: saved twice ({replacements[target]}, {m.roles[role]})")
                 replacements[target] = m.roles.pop(role)
     modules = {n: m for n, m in modules.items() if m.roles}
-    fused = _split_param_modules(modules, cfg, adapter, problems) if cfg.target_parameters else []
+    fused = (_split_param_modules(modules, cfg, adapter, _param_finder(ckpt.tensors, loader), problems)
+             if cfg.target_parameters else [])
 
     for m in modules.values():
         if m.roles.keys() & {"A", "B"} and m.roles.keys() & {"emb_A", "emb_B"}:
@@ -396,7 +399,6 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
             wanted.append(f"{m.name}.bias")
     wanted += list(replacements)
     for f in fused:
-        f.resolve_names(ckpt.tensors, loader)
         wanted += f.names
 
     tie_flags = _config_values(base_config, "tie_word_embeddings")
@@ -482,7 +484,7 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
         else:
             _plan_module(m, adapter, cfg, model_type, target, problems)
     for f in fused:
-        f.plan(adapter, target, problems)
+        f.plan(adapter, target, model_type, problems)
 
     problems.raise_if_any(adapter, ckpt.root)
 
@@ -691,22 +693,82 @@ def _token_indices(spec: Any, module: str) -> list[int] | None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# target_parameters: LoRA on fused MoE expert parameters (spec §12)
+# target_parameters: LoRA on nn.Parameters, fused MoE experts and 2-D parameters such as a router (spec §12)
 
-# parameter registration order inside the expert modules transformers 5 builds; the innermost wrapper
-# (deepest `.base_layer`) belongs to the first one
-FUSED_ORDER = ("gate_up_proj", "down_proj")
+# Where PEFT nests several wrappers on one module, the first parameter in *registration* order is innermost
+# (`<module>.base_layer...lora_A`), the last outermost (`<module>.lora_A`). Checkpoints do not record that order
+# (safetensors stores names sorted, so `down_proj` comes before `gate_up_proj`). The LoRA shapes decide which pair
+# belongs to which parameter; only when several assignments fit do we fall back on the order transformers 5
+# registers its expert parameters in (every experts class it ships follows this order).
+REGISTRATION_ORDER = ("gate_up_proj", "gate_up_proj_bias", "gate_proj", "up_proj", "down_proj", "down_proj_bias")
 # how a fused parameter is stored on disk when the checkpoint keeps experts apart: [(names, rows of dW)]
 PER_EXPERT = {
     "gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
     "down_proj": (("w2",), ("down_proj",)),
 }
+# more nested wrappers than this on one module is not a real adapter; it bounds the search over assignments
+MAX_NESTED = 6
+# model types whose fused expert tensors on disk are [E, in, out]: experts built with `is_transposed` (GPT-OSS,
+# Aria) or transposed by transformers on load (qwen3_vl_moe). Shapes tell the orientation unless the experts are
+# square; then these are transposed and every other model has transformers 5's own [E, out, in] layout.
+TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter", "qwen3_vl_moe",
+                                "qwen3_vl_moe_text"})
+
+
+@dataclass(frozen=True)
+class _ParamOnDisk:
+    """A module parameter as PEFT sees it (`shape`), and the module-side tensor names that hold it on disk."""
+
+    family: str                     # "fused" (one tensor) | "per-expert" (one 2-D tensor per expert and part)
+    shape: tuple[int, ...]          # [E, d1, d2] or [d1, d2]
+    names: tuple[str, ...]
+    parts: tuple[str, ...] = ()     # per-expert tensor names inside each expert (w1, w3 / gate_proj, up_proj)
+
+
+def _param_finder(disk: Mapping[str, TensorInfo], loader: str):
+    """`find(module, param)`: where the parameter `<module>.<param>` lives on disk, or None if the base has none."""
+    layouts = candidates(loader)
+    cache: dict[tuple[str, str], _ParamOnDisk | None] = {}
+
+    def locate(name: str):
+        for lay in layouts:
+            if lay.to_disk(name) in disk:
+                return lay
+        return None
+
+    def find(module: str, param: str) -> _ParamOnDisk | None:
+        if (module, param) in cache:
+            return cache[(module, param)]
+        found = None
+        fused = f"{module}.{param}"
+        lay = locate(fused)
+        if lay is not None:
+            found = _ParamOnDisk("fused", disk[lay.to_disk(fused)].shape, (fused,))
+        for parts in () if found else PER_EXPERT.get(param, ()):
+            lay = locate(f"{module}.0.{parts[0]}.weight")
+            if lay is None:
+                continue
+            experts = 0
+            while lay.to_disk(f"{module}.{experts}.{parts[0]}.weight") in disk:
+                experts += 1
+            names = tuple(f"{module}.{e}.{p}.weight" for e in range(experts) for p in parts)
+            first = [disk.get(lay.to_disk(f"{module}.0.{p}.weight")) for p in parts]
+            if all(i is not None and len(i.shape) == 2 for i in first):
+                rows = sum(i.shape[0] for i in first)
+                found = _ParamOnDisk("per-expert", (experts, rows, first[0].shape[1]), names, parts)
+            else:  # a broken checkpoint: its tensors are reported missing or mis-shaped per expert
+                found = _ParamOnDisk("per-expert", (experts, -1, -1), names, parts)
+            break
+        cache[(module, param)] = found
+        return found
+
+    return find
 
 
 @dataclass
 class _FusedParam:
     module: str                      # e.g. model.layers.0.mlp.experts
-    param: str                       # gate_up_proj / down_proj / any other parameter name
+    param: str                       # gate_up_proj / down_proj / weight / any other parameter name
     a: str
     b: str
     a_shape: tuple[int, ...]
@@ -714,43 +776,34 @@ class _FusedParam:
     r: int
     scale: float
     experts: int
-    family: str = ""                 # "fused" | "per-expert"
-    parts: tuple[str, ...] = ()       # per-expert tensor names inside each expert (w1, w3 / gate_proj, up_proj)
-    names: list[str] = field(default_factory=list)
+    disk: _ParamOnDisk
 
-    def resolve_names(self, disk: dict, loader: str) -> None:
-        from .layouts import candidates
+    @property
+    def names(self) -> list[str]:
+        return list(self.disk.names)
 
-        layouts = candidates(loader)
-
-        def exists(n: str) -> bool:
-            return any(lay.to_disk(n) in disk for lay in layouts)
-
-        fused_name = f"{self.module}.{self.param}"
-        if exists(fused_name):
-            self.family, self.names = "fused", [fused_name]
-            return
-        for parts in PER_EXPERT.get(self.param, ()):
-            names = [f"{self.module}.{e}.{p}.weight" for e in range(self.experts) for p in parts]
-            if exists(names[0]):
-                self.family, self.parts, self.names = "per-expert", parts, names
-                return
-        self.family, self.names = "fused", [fused_name]  # reported as missing by the layout check
-
-    def plan(self, adapter: Adapter, target, problems: _Problems) -> None:
-        E, r = self.experts, self.r
+    def plan(self, adapter: Adapter, target, model_type: str, problems: _Problems) -> None:
+        E = self.experts
         in_dim, out_dim = self.a_shape[1], self.b_shape[0]
         where = f"{self.module}.{self.param}"
-        if self.family == "fused":
+        if self.disk.family == "fused":
             t = target(self.names[0])
             if t is None:
+                return
+            if len(t.shape) == 2 and E == 1:
+                # a 2-D parameter (e.g. a router's gate.weight): PEFT's ParamWrapper is plain Linear LoRA on it
+                if t.shape != (out_dim, in_dim):
+                    problems.add(f"{where}: lora_A {list(self.a_shape)} / lora_B {list(self.b_shape)} do not fit "
+                                 f"{t.name} {list(t.shape)}")
+                    return
+                t.ops.append(LoraRows(self.a, self.b, self.scale, where))
                 return
             if len(t.shape) != 3 or t.shape[0] != E:
                 problems.add(f"{where}: LoRA factors for {E} experts do not fit {t.name} {list(t.shape)}")
                 return
             d1, d2 = t.shape[1:]
             if (out_dim, in_dim) == (d1, d2) and (in_dim, out_dim) == (d1, d2):
-                transpose = True  # square experts: the fused checkpoints on disk ([E, in, out]) are transposed
+                transpose = model_type in TRANSPOSED_EXPERTS  # square: only the architecture can tell
             elif (out_dim, in_dim) == (d1, d2):
                 transpose = False
             elif (in_dim, out_dim) == (d1, d2):
@@ -761,12 +814,17 @@ class _FusedParam:
                 return
             t.ops.append(LoraExperts(self.a, self.b, self.scale, where, E, transpose))
             return
-        rows = out_dim // len(self.parts)
-        if rows * len(self.parts) != out_dim:
-            problems.add(f"{where}: lora_B has {out_dim} rows, not divisible into {', '.join(self.parts)}")
+        parts = self.disk.parts
+        rows = out_dim // len(parts)
+        if rows * len(parts) != out_dim:
+            problems.add(f"{where}: lora_B has {out_dim} rows, not divisible into {', '.join(parts)}")
+            return
+        if E != self.disk.shape[0]:
+            problems.add(f"{where}: LoRA factors for {E} experts, the base has {self.disk.shape[0]} "
+                         f"({self.module}.N.{parts[0]}.weight)")
             return
         for e in range(E):
-            for i, part in enumerate(self.parts):
+            for i, part in enumerate(parts):
                 t = target(f"{self.module}.{e}.{part}.weight")
                 if t is None:
                     continue
@@ -778,56 +836,112 @@ class _FusedParam:
                                       b_rows=(i * rows, (i + 1) * rows)))
 
 
-def _split_param_modules(modules: dict[str, _Module], cfg, adapter: Adapter, problems: _Problems) -> list[_FusedParam]:
-    """Take the nested `.base_layer` LoRA pairs of target_parameters modules out of `modules`."""
+def _split_param_modules(modules: dict[str, _Module], cfg, adapter: Adapter, find,
+                         problems: _Problems) -> list[_FusedParam]:
+    """Take the LoRA pairs of PEFT's ParamWrappers (target_parameters) out of `modules`.
+
+    A module is a ParamWrapper when target_parameters selects one of its parameters that exists in the base; its
+    nested wrappers (`.base_layer` repeated) belong to its other selected parameters (spec §12).
+    """
     roots: dict[str, list[tuple[int, _Module]]] = defaultdict(list)
     for name in list(modules):
         root, depth = name, 0
         while root.endswith(".base_layer"):
             root, depth = root[: -len(".base_layer")], depth + 1
-        params = _targeted_params(root, cfg.target_parameters)
-        if params:
+        if _targeted_params(root, cfg.target_parameters, find):
             roots[root].append((depth, modules.pop(name)))
+        elif depth:
+            m = modules.pop(name)
+            problems.add(f"{name}: nested LoRA pair ({', '.join(sorted(m.roles.values()))}) for target_parameters, "
+                         f"but no parameter of {root} that target_parameters {list(cfg.target_parameters)} names "
+                         "exists in the base")
     fused = []
     for root, wrapped in roots.items():
-        params = _targeted_params(root, cfg.target_parameters)
-        wrapped.sort(key=lambda x: x[0])
-        pairs = []
+        params = _targeted_params(root, cfg.target_parameters, find)
+        pairs: dict[int, _Module] = {}
         for depth, m in wrapped:
             if set(m.roles) != {"A", "B"}:
                 extra = sorted(set(m.roles) - {"A", "B"})
                 problems.add(f"{m.name}: target_parameters supports lora_A/lora_B only, found {extra or 'a half pair'}")
                 continue
-            pairs.append((depth, m))
-        if len(pairs) > len(params):
-            problems.add(f"{root}: {len(pairs)} LoRA pairs but target_parameters names {len(params)} parameter(s) "
-                         f"of it ({', '.join(params)})")
+            pairs[depth] = m
+        if len(pairs) != len(wrapped):
             continue
-        # outermost wrapper (depth 0) = last parameter in registration order
-        ordered = sorted(params, key=lambda p: FUSED_ORDER.index(p) if p in FUSED_ORDER else len(FUSED_ORDER))
-        assigned = {depth: ordered[len(ordered) - 1 - depth] for depth, _ in pairs}
-        for depth, m in pairs:
-            param = assigned[depth]
-            a_shape, b_shape = adapter.shapes[m.roles["A"]], adapter.shapes[m.roles["B"]]
+        if sorted(pairs) != list(range(len(params))):
+            problems.add(f"{root}: LoRA pairs at nesting depth(s) {sorted(pairs)} but target_parameters selects "
+                         f"{len(params)} parameter(s) of it ({', '.join(params)}); PEFT nests one wrapper per "
+                         "parameter, so the adapter file is incomplete or for another model")
+            continue
+        order = _registration_order(root, pairs, params, cfg, adapter, problems)
+        if order is None:
+            continue
+        n = len(order)
+        for depth, m in sorted(pairs.items()):
+            param = order[n - 1 - depth]
             name = f"{root}.{param}"
+            a_shape, b_shape = adapter.shapes[m.roles["A"]], adapter.shapes[m.roles["B"]]
             r = cfg.resolve_r(name)
-            if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1] or r <= 0 or a_shape[0] % r:
-                problems.add(f"{name}: lora_A {list(a_shape)} / lora_B {list(b_shape)} are not [r*E, in] / "
-                             f"[out, r*E] for r={r}")
-                continue
             fused.append(_FusedParam(root, param, m.roles["A"], m.roles["B"], a_shape, b_shape, r,
-                                     cfg.scaling(name, r), a_shape[0] // r))
+                                     cfg.scaling(name, r), a_shape[0] // r, params[param]))
     return fused
 
 
-def _targeted_params(module: str, targets: tuple[str, ...]) -> list[str]:
-    """Parameter names of `module` that target_parameters selects (`<module>.<param>` == t or endswith .t)."""
-    found = []
+def _registration_order(root: str, pairs: dict[int, _Module], params: dict[str, _ParamOnDisk], cfg,
+                        adapter: Adapter, problems: _Problems) -> tuple[str, ...] | None:
+    """The order PEFT wrapped `params` in (innermost first), from the shapes of the nested LoRA pairs."""
+    def shapes(depth: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        m = pairs[depth]
+        return adapter.shapes[m.roles["A"]], adapter.shapes[m.roles["B"]]
+
+    def fits(depth: int, param: str) -> bool:
+        (a, b), on_disk = shapes(depth), params[param]
+        r = cfg.resolve_r(f"{root}.{param}")
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1] or r <= 0 or a[0] % r:
+            return False
+        experts, io, w = a[0] // r, (b[0], a[1]), on_disk.shape
+        if len(w) == 2:
+            return experts == 1 and io == w
+        transposed_ok = on_disk.family == "fused"  # [E, in, out] exists only fused on disk (GPT-OSS, qwen3_vl_moe)
+        return len(w) == 3 and w[0] == experts and (io == w[1:] or transposed_ok and io[::-1] == w[1:])
+
+    n = len(params)
+    if n > MAX_NESTED:
+        problems.add(f"{root}: target_parameters selects {n} parameters of one module; at most {MAX_NESTED} are "
+                     "supported")
+        return None
+    fitting = [order for order in permutations(params) if all(fits(d, order[n - 1 - d]) for d in pairs)]
+    if len(fitting) == 1:
+        return fitting[0]
+    described = "; ".join(f"{pairs[d].roles['A']} {list(shapes(d)[0])} / lora_B {list(shapes(d)[1])}"
+                          for d in sorted(pairs))
+    disk = ", ".join(f"{p} {list(params[p].shape)}" for p in params)
+    if not fitting:
+        problems.add(f"{root}: the LoRA pairs ({described}) do not fit its parameters ({disk}) with the ranks of "
+                     "adapter_config.json (r / rank_pattern)")
+        return None
+    known = tuple(p for p in REGISTRATION_ORDER if p in params)
+    if len(known) == n and known in fitting:
+        return known
+    raise UnsupportedError(
+        f"{adapter.weights_path}: {root}: the nested LoRA pairs ({described}) fit its parameters ({disk}) in more "
+        "than one order, and the order PEFT wrapped them in (the module's parameter registration order) is not "
+        "known for these parameter names; merge this adapter with PEFT's merge_and_unload instead"
+    )
+
+
+def _targeted_params(module: str, targets: tuple[str, ...], find) -> dict[str, _ParamOnDisk]:
+    """Parameters of `module` that target_parameters selects, as PEFT matches them: `<module>.<param>` equals a
+    target or ends with `.<target>`, and the parameter exists. A bare name (`down_proj`) therefore selects only
+    modules that own such a parameter, never a LoRA module whose name merely precedes it."""
+    found: dict[str, _ParamOnDisk] = {}
     for t in targets:
         param = t.rsplit(".", 1)[-1]
         full = f"{module}.{param}"
-        if (full == t or full.endswith("." + t)) and param not in found:
-            found.append(param)
+        if param in found or not (full == t or full.endswith("." + t)):
+            continue
+        on_disk = find(module, param)
+        if on_disk is not None:
+            found[param] = on_disk
     return found
 
 
