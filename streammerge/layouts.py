@@ -49,6 +49,29 @@ MOE_RULES: tuple[Rule, ...] = ((r"\.mlp\.(experts|gate)\.", r".block_sparse_moe.
 
 LOADER_CHOICES = ("auto", *LAYOUTS)
 
+# PEFT wrapper infixes that reach saved keys. A modules_to_save module whose embedding is also saved as an embedding
+# layer (save_embedding_layers, spec §10.4) keeps its wrapper's submodules in the key: `X.modules_to_save.P` is the
+# trained copy again, `X.original_module.P` the untrained module; `X.P` is the trained copy PEFT loads.
+WRAPPER_COPIES = {"modules_to_save": "trained", "original_module": "original"}
+# trainable tokens (TrainableTokensWrapper): the embedding saved as an embedding layer is `X.token_adapter.base_layer.P`
+TOKEN_ADAPTER = "token_adapter"
+
+
+def wrapper_copy(name: str) -> tuple[str, str] | None:
+    """(`X.P`, "trained" | "original") for a saved `X.modules_to_save.P` / `X.original_module.P`; else None."""
+    parts = name.split(".")
+    hits = [i for i, p in enumerate(parts) if p in WRAPPER_COPIES]
+    if len(hits) != 1 or hits[0] in (0, len(parts) - 1):
+        return None
+    i = hits[0]
+    return ".".join(parts[:i] + parts[i + 1:]), WRAPPER_COPIES[parts[i]]
+
+
+def token_adapter_owner(module: str) -> str:
+    """The embedding a `X.token_adapter` module name belongs to (`X`), or `module` itself."""
+    head, _, last = module.rpartition(".")
+    return head if last == TOKEN_ADAPTER and head else module
+
 
 @dataclass(frozen=True)
 class Layout:

@@ -22,7 +22,7 @@ import torch
 from .adapter import Adapter
 from .checkpoint import ITEMSIZE, TORCH_TO_ST, Checkpoint, TensorInfo
 from .errors import AdapterError, PlanError, UnsupportedError
-from .layouts import candidates, choose_layout, derived_layout
+from .layouts import candidates, choose_layout, derived_layout, token_adapter_owner, wrapper_copy
 
 PREFIX = "base_model.model."
 
@@ -375,14 +375,16 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
         m.roles[role] = key
 
     # base_layer.* are the wrapped module's own tensors saved with the adapter: they replace the checkpoint's
+    # (`X.token_adapter.base_layer.weight` is embedding X, saved beside its trainable tokens)
     for m in modules.values():
         for role, param in (("base_weight", "weight"), ("base_bias", "bias")):
             if role in m.roles:
-                target = f"{m.name}.{param}"
+                target = f"{token_adapter_owner(m.name)}.{param}"
                 if target in replacements:
                     problems.add(f"{target}: saved twice ({replacements[target]}, {m.roles[role]})")
                 replacements[target] = m.roles.pop(role)
     modules = {n: m for n, m in modules.items() if m.roles}
+    notes += _fold_wrapper_copies(replacements, adapter)
     fused = (_split_param_modules(modules, cfg, adapter, _param_finder(ckpt.tensors, loader), problems)
              if cfg.target_parameters else [])
 
@@ -437,9 +439,10 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
         if disk in out:
             return out[disk]
         if tied and module_tensor in optional:
-            # a tied checkpoint stores no output embedding: it starts as a copy of the input embedding
-            emb = ckpt.tensors[input_embedding]
-            out[disk] = OutTensor(disk, output_dtype(dtype, emb.dtype), emb.shape, emb)
+            # a tied checkpoint stores no output embedding: it starts as a copy of the input embedding, as the
+            # adapter saved it (a resized vocabulary) when it saved one
+            emb = out[input_embedding]
+            out[disk] = OutTensor(disk, emb.dtype, emb.shape, emb.base, replacement=emb.replacement)
             new_tensors.append(disk)
             return out[disk]
         problems.add(f"{module_tensor}: no tensor {disk} in the base")
@@ -475,6 +478,8 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     used_head_clones: set[str] = set()
     if ensure_tying and tied:
         used_head_clones = _ensure_tying_clones(modules, adapter, to_disk, input_embedding, optional, problems)
+    if tied:
+        used_head_clones |= _tied_token_clones(modules, adapter, to_disk, input_embedding, optional, problems)
     for m in modules.values():
         if m.name in used_head_clones:
             continue
@@ -496,7 +501,7 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
         emb_delta = any(isinstance(op, (LoraCols, DoraCols)) for op in emb.ops)
         if heads:
             config_updates["tie_word_embeddings"] = False
-            notes.append("the adapter changes the output embedding only: wrote lm_head and set "
+            notes.append("the adapter gives the output embedding values of its own: wrote lm_head and set "
                          "tie_word_embeddings=false")
         elif emb_delta and ensure_tying:
             notes.append("ensure_weight_tying: the embedding LoRA is merged once and the weights stay tied")
@@ -544,6 +549,41 @@ def _same_values(adapter: Adapter, k1: str, k2: str) -> bool:
     return adapter.shapes[k1] == adapter.shapes[k2] and torch.equal(adapter.get(k1), adapter.get(k2))
 
 
+def _fold_wrapper_copies(replacements: dict[str, str], adapter: Adapter) -> list[str]:
+    """Check and drop the wrapper copies saved beside a modules_to_save module's own tensor (spec §10.4).
+
+    PEFT loads the trained copy from `X.P` and merges that; `X.modules_to_save.P` (the same trained copy) is never
+    loaded and `X.original_module.P` (the untrained, possibly resized module) never reaches the merged model. Both
+    must be consistent with `X.P`, or which tensor was trained is not clear.
+    """
+    checked: list[str] = []
+    for name in list(replacements):
+        split = wrapper_copy(name)
+        if split is None:
+            continue
+        own, kind = split
+        key = replacements.pop(name)
+        module = own.rsplit(".", 1)[0]
+        main = replacements.get(own)
+        where = f"{adapter.weights_path}: module {module}"
+        if main is None:
+            raise AdapterError(f"{where}: {key} is saved without the module's own tensor {own} (the trained copy "
+                               "PEFT loads), so PEFT would not load this layout; re-save the adapter with PEFT's "
+                               "save_pretrained")
+        if adapter.shapes[key] != adapter.shapes[main]:
+            raise AdapterError(f"{where}: {key} {list(adapter.shapes[key])} and {main} {list(adapter.shapes[main])} "
+                               "are copies of one module with different shapes; the adapter file is inconsistent, "
+                               "re-save it with PEFT's save_pretrained")
+        if kind == "trained" and not _same_values(adapter, key, main):
+            raise AdapterError(f"{where}: {key} and {main} should both hold the trained copy but differ (PEFT would "
+                               f"load {main} and ignore {key}); the adapter file is inconsistent, re-save it with "
+                               "PEFT's save_pretrained")
+        if module not in checked:
+            checked.append(module)
+    return [f"{m}: the modules_to_save wrapper's copies saved with its embedding layer were checked; the trained "
+            "copy is merged" for m in checked]
+
+
 def _ensure_tying_clones(modules, adapter, to_disk, input_embedding, optional, problems) -> set[str]:
     """With ensure_weight_tying PEFT saves the embedding LoRA twice (as lm_head factors too); use it once."""
     heads = [m for m in modules.values() if f"{m.name}.weight" in optional]
@@ -559,6 +599,22 @@ def _ensure_tying_clones(modules, adapter, to_disk, input_embedding, optional, p
     if not same:
         problems.add(f"{head.name}: ensure_weight_tying is set but its LoRA factors are not the tied embedding's; "
                      "the adapter is inconsistent")
+        return set()
+    return {head.name}
+
+
+def _tied_token_clones(modules, adapter, to_disk, input_embedding, optional, problems) -> set[str]:
+    """Trainable tokens on a tied embedding saved with the embedding layers: the output embedding's tied wrapper is
+    saved too (`lm_head.token_adapter.trainable_tokens_delta`, the same rows). The rows go once into the shared
+    tensor, which stays tied, as in the unmerged model."""
+    heads = [m for m in modules.values() if f"{m.name}.weight" in optional and set(m.roles) == {"tokens"}]
+    embs = [m for m in modules.values() if to_disk(f"{m.name}.weight") == input_embedding and "tokens" in m.roles]
+    if not heads or not embs:
+        return set()
+    head, emb = heads[0], embs[0]
+    if not _same_values(adapter, head.roles["tokens"], emb.roles["tokens"]):
+        problems.add(f"{head.name}: {head.roles['tokens']} of the tied output embedding differs from "
+                     f"{emb.roles['tokens']}; the adapter is inconsistent")
         return set()
     return {head.name}
 
