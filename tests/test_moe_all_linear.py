@@ -146,8 +146,9 @@ def test_nested_target_parameters_with_target_modules(wd, targets):
     ref = vh.reference_on_disk(base, ad, wd / f"ref-nested-{name}")
     base_t = read_checkpoint(base)
     changed = _changed(ref, base_t)
-    assert {"model.layers.0.block_sparse_moe.experts.2.w1.weight", "model.layers.0.block_sparse_moe.experts.2.w3.weight",
-            "model.layers.1.block_sparse_moe.experts.0.w2.weight", "model.layers.1.self_attn.k_proj.weight"} <= changed
+    moe = "block_sparse_moe.experts"
+    assert {f"model.layers.0.{moe}.2.w1.weight", f"model.layers.0.{moe}.2.w3.weight",
+            f"model.layers.1.{moe}.0.w2.weight", "model.layers.1.self_attn.k_proj.weight"} <= changed
     vh.compare_to_reference(read_checkpoint(out), base_t, ref, changed)
 
 

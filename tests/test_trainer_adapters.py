@@ -143,8 +143,8 @@ def test_axolotl_trainable_tokens_with_new_tokens(wd, tied):
         _check_logits(base, ad, out, rows, tied_after=True)
     else:
         ref = vh.reference_on_disk(base, ad, wd / f"ref-tt-{tied}", prepare=_resize(rows))
-        vh.compare_to_reference(read_checkpoint(out), read_checkpoint(base), ref,
-                                {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"})
+        must = {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"}
+        vh.compare_to_reference(read_checkpoint(out), read_checkpoint(base), ref, must)
 
 
 def test_embedding_lora_with_new_tokens_on_tied_model(wd):
@@ -202,7 +202,8 @@ def test_inconsistent_wrapper_copies_are_refused(lf_adapter, tmp_path, capsys, c
     edits = {
         "copies-differ": lambda t: t.__setitem__(P + "modules_to_save.weight", t[P + "modules_to_save.weight"] + 1),
         "copy-without-trained": lambda t: t.pop(P + "weight"),
-        "original-shape": lambda t: t.__setitem__(P + "original_module.weight", t[P + "original_module.weight"][:VOCAB]),
+        "original-shape": lambda t: t.__setitem__(P + "original_module.weight",
+                                                  t[P + "original_module.weight"][:VOCAB]),
     }
     ad = _edited(src, tmp_path / "ad", edits[case])
     before = tree_digest(ad)
