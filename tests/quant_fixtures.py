@@ -52,9 +52,10 @@ QWEN3_MOE = dict(
     num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
     decoder_sparse_step=1, max_position_embeddings=64, tie_word_embeddings=False,
 )
-# down_proj rows are 96 long: 4-bit blocks of 64 values straddle rows.
+# Rows are multiples of 64 (bitsandbytes' default block), as in real models: see dequantize_bnb4 for rows that
+# are not.
 LLAMA = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, max_position_embeddings=64, tie_word_embeddings=False,
 )
 GPT_OSS = dict(
@@ -187,11 +188,27 @@ def bnb4_quant_state(parts: dict[str, torch.Tensor]):
 
 
 def dequantize_bnb4(packed: torch.Tensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """bitsandbytes nf4/fp4: `dequantize_4bit` (what transformers' `dequantize_bnb_weight` calls), in the dtype the
-    weight was quantized from, then cast to `dtype` as `model.dequantize(dtype)` does."""
-    import bitsandbytes.functional as bnbf
+    """bitsandbytes nf4/fp4: W.flat[i] = fp32(code[nibble i]) * fp32(absmax[i // blocksize]), in the dtype the weight
+    was quantized from, then cast to `dtype` as `model.dequantize(dtype)` does. Blocks run over the flattened
+    tensor (high nibble first).
 
-    return bnbf.dequantize_4bit(packed, bnb4_quant_state(parts)).to(dtype)
+    This is `dequantize_4bit` (what transformers' `dequantize_bnb_weight` calls) wherever a row is a whole number
+    of blocks. Where blocks straddle rows, bitsandbytes 0.50's CPU kernel blocks each row on its own, which does
+    not invert `quantize_4bit`; there the flat-block function of its default backend (the CUDA semantics) is used.
+    """
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    state = bnb4_quant_state(parts)
+    if state.shape[-1] % state.blocksize == 0:
+        return bnbf.dequantize_4bit(packed, state).to(dtype)
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    flat = _dequantize_4bit_compute.__wrapped__  # the function itself, not its torch.compile wrapper
+    out = flat(packed.view(torch.uint8).reshape(-1), absmax.float(), state.code, state.blocksize, state.shape,
+               state.dtype)
+    return out.to(dtype)
 
 
 def dequantize_bnb8(weight: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -306,3 +306,33 @@ def test_mxfp4_quantizer_inverts_transformers_dequantization():
     back = qf.dequantize_mxfp4(blocks, scales, torch.float32).transpose(1, 2)
     step = torch.exp2(scales.float() - 127).repeat_interleave(32, -1)  # the grid's widest gap is 2 * scale
     assert ((back - w).abs() <= step + 1e-6).all()
+
+
+def test_bnb4_rows_that_straddle_blocks():
+    """quantize_4bit blocks the flattened tensor; the reference inverts exactly that (every value is code * absmax
+    of its flat block). bitsandbytes 0.50's CPU `dequantize_4bit` blocks each row instead, so on a 96-wide row with
+    64-value blocks it returns other numbers: pinned here, so that a fixed bitsandbytes shows up."""
+    import bitsandbytes.functional as bnbf
+
+    w = (torch.randn(8, 96, generator=torch.Generator().manual_seed(5)) * 0.05).to(torch.bfloat16)
+    for kind in ("nf4", "fp4"):
+        packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type=kind)
+        parts = {k.removeprefix("weight."): v for k, v in state.as_dict(packed=True).items()}
+        ref = qf.dequantize_bnb4(packed, parts, torch.float32)
+        codes = packed.view(torch.uint8).reshape(-1)
+        idx = torch.stack([codes >> 4, codes & 0xF], -1).reshape(-1).long()
+        expected = (state.code[idx] * state.absmax.repeat_interleave(64)).reshape(8, 96).to(torch.bfloat16)
+        assert torch.equal(ref, expected.float())
+        assert (ref - w.float()).abs().max() <= state.absmax.max() * 0.5
+        assert not torch.equal(bnbf.dequantize_4bit(packed, state).float(), ref)
+        # whole blocks per row: both kernels agree
+        packed, state = bnbf.quantize_4bit(w[:, :64], blocksize=64, quant_type=kind)
+        flat_fn = bnbf_default_flat()
+        flat = flat_fn(packed.reshape(-1), state.absmax, state.code, 64, state.shape, state.dtype)
+        assert torch.equal(bnbf.dequantize_4bit(packed, state), flat)
+
+
+def bnbf_default_flat():
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    return _dequantize_4bit_compute.__wrapped__
