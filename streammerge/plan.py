@@ -19,6 +19,7 @@ import torch
 
 from .adapter import Adapter
 from .checkpoint import ITEMSIZE, TORCH_TO_ST, Checkpoint, TensorInfo
+from .consistency import check_dora
 from .errors import AdapterError, PlanError, UnsupportedError
 from .layouts import choose_layout, derived_layout
 
@@ -382,6 +383,8 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
                 replacements[target] = m.roles.pop(role)
     modules = {n: m for n, m in modules.items() if m.roles}
     fused = _split_param_modules(modules, cfg, adapter, problems) if cfg.target_parameters else []
+    if cfg.peft_type == "LORA":
+        check_dora({n: m.roles.keys() for n, m in modules.items()}, cfg.use_dora, adapter.weights_path)
 
     for m in modules.values():
         if m.roles.keys() & {"A", "B"} and m.roles.keys() & {"emb_A", "emb_B"}:

@@ -35,7 +35,7 @@ def test_merge_and_verify_without_numpy(tmp_path):
     r = run_blocked(["-m", "streammerge", "--base", base, "--adapter", adapter, "--output", out, "--no-progress"],
                     tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "Numpy" not in r.stderr and (out / "model.safetensors").is_file()
+    assert not r.stderr and (out / "model.safetensors").is_file()  # not even torch's "Failed to initialize NumPy"
     r = run_blocked(["-m", "streammerge", "verify", "--base", base, "--adapter", adapter, "--merged", out], tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Verify: OK" in r.stdout
