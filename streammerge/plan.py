@@ -22,6 +22,8 @@ from .checkpoint import ITEMSIZE, TORCH_TO_ST, Checkpoint, TensorInfo
 from .consistency import check_dora
 from .errors import AdapterError, PlanError, UnsupportedError
 from .layouts import choose_layout, derived_layout
+from .quantized import detect as detect_quantization
+from .quantized import refusal as quantized_refusal
 
 PREFIX = "base_model.model."
 
@@ -346,12 +348,9 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     problems = _Problems()
     notes: list[str] = []
 
-    for name, info in ckpt.tensors.items():
-        if info.dtype.startswith("F8") or info.dtype.startswith("F4"):
-            raise UnsupportedError(
-                f"{info.path}: tensor {name} is {info.dtype}: quantized bases are not supported; merge into the "
-                "full-precision (bf16/f16/f32) base"
-            )
+    quant = detect_quantization(ckpt.tensors, base_config)
+    if quant is not None:
+        raise UnsupportedError(quantized_refusal(quant, ckpt.root, ckpt.tensors))
 
     keys = list(adapter.shapes)
     if cfg.peft_type == "VERA":

@@ -1,8 +1,8 @@
 """Run Python in a subprocess where some installed packages cannot be imported, as if they were not installed.
 
 The test venv has numpy, transformers, tokenizers, peft...; a user's `pip install streammerge` has none of them.
-A `sitecustomize` placed first on PYTHONPATH puts a finder at the front of `sys.meta_path` that refuses the named
-top-level packages with ModuleNotFoundError, exactly what a missing package raises.
+A `sitecustomize` placed first on PYTHONPATH makes the path finder pass over the named top-level packages, so an
+import raises ModuleNotFoundError and `importlib.util.find_spec` answers None, exactly as for a missing package.
 """
 
 from __future__ import annotations
@@ -18,20 +18,20 @@ REPO = Path(__file__).resolve().parent.parent
 NOT_IN_A_BARE_INSTALL = ("numpy", "transformers", "tokenizers", "peft", "accelerate", "hypothesis", "pytest")
 
 _SITECUSTOMIZE = '''\
+import importlib.machinery
 import os
-import sys
 
 _BLOCKED = frozenset(os.environ["STREAMMERGE_TEST_BLOCKED"].split(","))
+_find_spec = importlib.machinery.PathFinder.find_spec
 
 
-class _Blocker:
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in _BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
+def _find_unless_blocked(cls, name, path=None, target=None):
+    if name.partition(".")[0] in _BLOCKED:
+        return None  # as if the package were not on sys.path: imports fail, importlib.util.find_spec says None
+    return _find_spec(name, path, target)
 
 
-sys.meta_path.insert(0, _Blocker())
+importlib.machinery.PathFinder.find_spec = classmethod(_find_unless_blocked)
 '''
 
 
