@@ -7,6 +7,8 @@ new tokenizer.json; llama.cpp's converter reads tokenizer.model first and got th
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import helpers_tiny as ht
@@ -67,3 +69,29 @@ def test_a_stray_template_alone_is_overlaid(pair, tmp_path, capsys):
     assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "added_tokens.json"):
         assert (out / name).read_bytes() == (base / name).read_bytes(), name
+
+
+def test_chat_template_kept_unless_the_adapter_brings_one(pair, tmp_path, capsys):
+    """The template is not vocabulary: a base chat_template.jinja stays when the adapter's tokenizer has none,
+    and goes when the adapter's tokenizer_config.json carries its own (the base file would override it)."""
+    root, base, adapter = pair
+    base2 = tmp_path / "base"
+    base2.mkdir()
+    for f in base.iterdir():
+        (base2 / f.name).write_bytes(f.read_bytes())
+    (base2 / "chat_template.jinja").write_text("{{ base template }}")
+    for with_template in (False, True):
+        ad = tmp_path / f"adapter-{with_template}"
+        ad.mkdir()
+        for f in adapter.iterdir():
+            (ad / f.name).write_bytes(f.read_bytes())
+        oracle.save_tokenizer(ad, extra="x")
+        if with_template:
+            cfg = json.loads((ad / "tokenizer_config.json").read_text())
+            cfg["chat_template"] = "{{ adapter template }}"
+            (ad / "tokenizer_config.json").write_text(json.dumps(cfg))
+        out = tmp_path / f"out-{with_template}"
+        code, _, err = ht.run_cli(["--base", base2, "--adapter", ad, "--output", out], capsys)
+        assert code == 0, err
+        assert (out / "chat_template.jinja").exists() is not with_template
+        assert not (out / "tokenizer.model").exists()
