@@ -395,7 +395,9 @@ class _Prepared:
     def apply(self, w: torch.Tensor, r0: int, r1: int, col_norms: torch.Tensor | None,
               tmp: torch.Tensor | None) -> None:
         op = self.op
-        if isinstance(op, LoraRows):
+        if isinstance(op, LoraRows) and op.out_rows is not None:
+            kernels.add_lora_rows_at(w, r0, self.a, self.b, op.out_rows, op.scale)
+        elif isinstance(op, LoraRows):
             kernels.add_lora_rows(w, self.a, self.b[r0:r1], op.scale, tmp)
         elif isinstance(op, LoraExperts):
             r = self.a.shape[0] // op.experts
