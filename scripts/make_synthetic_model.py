@@ -22,11 +22,13 @@ import math
 import re
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)  # numpy is optional
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from streammerge.writer import PlannedTensor, ShardWriter, parse_size, plan_shards, shard_file_names, write_index  # noqa: E402
