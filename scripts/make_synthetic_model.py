@@ -6,7 +6,8 @@
 
 writes DIR/base/ (config.json, generation_config.json, a small real tokenizer and safetensors weights with the
 real architecture's key layout and shapes, sharded like transformers) and DIR/adapter/ (adapter_config.json and
-adapter_model.safetensors as PEFT saves them). No download, no model instantiation.
+adapter_model.safetensors as PEFT saves them). No download, no model instantiation, and nothing beyond
+streammerge's own runtime dependencies (torch): it runs in a bare `pip install streammerge`.
 
 Memory stays bounded by the largest single tensor (the embedding: 1.2 GB for qwen3-8b): each shard is written
 by a small streaming safetensors writer, one tensor at a time, instead of being collected in a dict first.
@@ -18,12 +19,16 @@ import argparse
 import importlib.metadata
 import json
 import math
+import re
 import sys
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)  # numpy is optional
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from streammerge.writer import PlannedTensor, ShardWriter, parse_size, plan_shards, shard_file_names, write_index  # noqa: E402
@@ -109,14 +114,13 @@ def lora_module_shapes(p: dict) -> list[tuple[str, int, int]]:
 # --------------------------------------------------------------------------------------------------------------
 # writing
 
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), round to nearest even (x must be finite)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+def f32_to_bf16_bits(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> bfloat16 bit patterns (int16), round to nearest even (x must be finite)."""
+    return x.to(torch.float32).to(torch.bfloat16).view(torch.int16)
 
 
 class WeightSource:
-    """Fast random bf16 weights without torch.
+    """Fast random bf16 weights, as bit patterns (no float math per tensor).
 
     Drawing 8e9 normal samples and rounding them costs minutes on 2 cores, so a 16M-value block of
     N(0, 0.02) clamped to +-0.1 is drawn once; each tensor is a slice of it starting at a random offset (wrapping)
@@ -126,17 +130,19 @@ class WeightSource:
     BLOCK = 1 << 24
 
     def __init__(self, seed: int, max_numel: int):
-        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
         n = min(self.BLOCK, max_numel)
-        x = self.rng.standard_normal(n, dtype=np.float32)
+        x = torch.randn(n, generator=self.gen)
         x *= 0.02
-        np.clip(x, -0.1, 0.1, out=x)
+        x.clamp_(-0.1, 0.1)
         self.block = f32_to_bf16_bits(x)
+        self.noise = torch.empty(min(self.BLOCK, max_numel), dtype=torch.int16)
 
-    def linear(self, shape: tuple[int, ...]) -> np.ndarray:
-        n, m = math.prod(shape), self.block.size
-        start = int(self.rng.integers(0, m))
-        out = np.empty(n, dtype=np.uint16)
+    def linear(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """bf16 N(0, 0.02) weights clamped to +-0.1."""
+        n, m = math.prod(shape), self.block.numel()
+        start = int(torch.randint(0, m, (1,), generator=self.gen))
+        out = torch.empty(n, dtype=torch.int16)
         pos = 0
         while pos < n:
             take = min(n - pos, m - start)
@@ -145,12 +151,15 @@ class WeightSource:
             start = 0
         for i in range(0, n, self.BLOCK):  # in chunks: a full-size noise array would double the peak memory
             part = out[i : i + self.BLOCK]
-            part ^= self.rng.integers(0, 8, size=part.size, dtype=np.uint16)
-        return out.reshape(shape)
+            noise = self.noise[: part.numel()]
+            noise.random_(0, 8, generator=self.gen)
+            part ^= noise
+        return out.view(torch.bfloat16).reshape(shape)
 
-    def norm(self, shape: tuple[int, ...]) -> np.ndarray:
+    def norm(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """bf16 norm weights 1 +- 0.055."""
         one = 0x3F80  # bf16 1.0; +-7 ulps = 1 +- 0.055
-        return (one + self.rng.integers(-7, 8, size=shape, dtype=np.int32)).astype(np.uint16)
+        return (one + torch.randint(-7, 8, shape, generator=self.gen)).to(torch.int16).view(torch.bfloat16)
 
 
 def write_base_weights(base: Path, p: dict, max_shard: int, seed: int, log) -> tuple[int, int, int]:
@@ -164,7 +173,7 @@ def write_base_weights(base: Path, p: dict, max_shard: int, seed: int, log) -> t
         with ShardWriter(base / fname, shard) as w:
             for t in w.order:
                 s = specs[t.name]
-                w.write(t.name, memoryview(src.norm(s.shape) if s.kind == "norm" else src.linear(s.shape)))
+                w.write(t.name, src.norm(s.shape) if s.kind == "norm" else src.linear(s.shape))
         log(f"  {fname}: {len(shard)} tensors, {human(sum(t.nbytes for t in shard))}, {time.time() - t0:.1f}s")
     numel = sum(s.numel for s in specs.values())
     if len(shards) > 1:
@@ -229,22 +238,88 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_tokenizer(base: Path, vocab_size: int) -> dict[str, int]:
-    """A small byte-level BPE (a few hundred tokens) with Qwen's special tokens, loadable by AutoTokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def _byte_chars() -> list[str]:
+    """GPT-2's byte-level alphabet: the printable character each byte value stands for."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=min(vocab_size, 400), special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+
+# GPT-2's pre-tokenizer split, for the ASCII corpus below (\p{L} / \p{N} narrowed to ASCII letters / digits)
+_SPLIT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+
+
+def train_bpe(lines: list[str], vocab_size: int, specials: list[str]) -> tuple[dict[str, int], list[list[str]]]:
+    """A byte-level BPE vocabulary and merges (special tokens, then the 256 byte characters, then merges in the
+    order learned), deterministic: the most frequent pair wins, ties go to the smallest pair."""
+    alphabet = _byte_chars()
+    words = Counter(
+        tuple(alphabet[b] for b in piece.encode("utf-8")) for line in lines for piece in _SPLIT.findall(line)
     )
-    tok.train_from_iterator(CORPUS.splitlines() * 4, trainer=trainer)
-    tok.save(str(base / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    if max(tok.get_vocab().values()) >= vocab_size:
-        raise SystemExit(f"tokenizer vocab {tok.get_vocab_size()} does not fit model vocab {vocab_size}")
+    vocab = {t: i for i, t in enumerate(specials)}
+    for ch in sorted(alphabet):
+        vocab[ch] = len(vocab)
+    merges: list[list[str]] = []
+    while len(vocab) < vocab_size:
+        pairs: Counter = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        if pairs[best] < 2:
+            break
+        joined = best[0] + best[1]
+        merges.append(list(best))
+        vocab.setdefault(joined, len(vocab))
+        merged: Counter = Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out.append(joined)
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return vocab, merges
+
+
+def write_tokenizer(base: Path, vocab_size: int) -> dict[str, int]:
+    """A small byte-level BPE (a few hundred tokens) with Qwen's special tokens, loadable by AutoTokenizer.
+
+    tokenizer.json is written as the `tokenizers` library saves it, trained here in plain Python so that the
+    script needs nothing but torch."""
+    vocab, merges = train_bpe(CORPUS.splitlines(), min(vocab_size, 400), SPECIAL_TOKENS)
+    ids = {t: vocab[t] for t in SPECIAL_TOKENS}
+    if max(vocab.values()) >= vocab_size:
+        raise SystemExit(f"tokenizer vocab {len(vocab)} does not fit model vocab {vocab_size}")
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [
+            {"id": ids[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+             "special": True}
+            for t in SPECIAL_TOKENS
+        ],
+        "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None,
+        "decoder": {**byte_level, "add_prefix_space": True},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": vocab, "merges": merges,
+        },
+    }
+    (base / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     added = {
         str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
                       "single_word": False, "special": True}
@@ -284,18 +359,18 @@ def adapter_config(p: dict, rank: int, alpha: int, base_path: str) -> dict:
 
 def write_adapter(adapter: Path, p: dict, rank: int, alpha: int, seed: int, base_path: str) -> int:
     """adapter_model.safetensors: lora_A [r, in] and lora_B [out, r] in float32, PEFT key names, {"format": "pt"}."""
-    rng = np.random.default_rng(seed + 1)
-    entries, arrays = [], {}
+    gen = torch.Generator().manual_seed(seed + 1)
+    arrays = {}
     for mod, fin, fout in lora_module_shapes(p):
         pre = f"base_model.model.{mod}"
         bound = 1.0 / math.sqrt(fin)  # A as PEFT's kaiming-uniform init; B small but non-zero (a trained adapter)
-        arrays[pre + ".lora_A.weight"] = ((rank, fin), lambda fin=fin, b=bound: rng.uniform(-b, b, (rank, fin)).astype(np.float32))
-        arrays[pre + ".lora_B.weight"] = ((fout, rank), lambda fout=fout: (rng.standard_normal((fout, rank), dtype=np.float32) * 0.01))
+        arrays[pre + ".lora_A.weight"] = ((rank, fin), lambda fin=fin, b=bound: torch.rand(rank, fin, generator=gen) * (2 * b) - b)
+        arrays[pre + ".lora_B.weight"] = ((fout, rank), lambda fout=fout: torch.randn(fout, rank, generator=gen) * 0.01)
     names = sorted(arrays)  # draw in name order so the file is a function of the seed only
     planned = [PlannedTensor(k, "F32", arrays[k][0]) for k in names]
     with ShardWriter(adapter / "adapter_model.safetensors", planned) as w:
         for k in names:
-            w.write(k, memoryview(np.ascontiguousarray(arrays[k][1]())))
+            w.write(k, arrays[k][1]())
     cfg = adapter_config(p, rank, alpha, base_path)
     (adapter / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
     return sum(t.nbytes for t in planned)

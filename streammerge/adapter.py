@@ -181,19 +181,24 @@ def load_adapter_config(root: Path) -> AdapterConfig:
             stacklevel=2,
         )
 
-    def typed(name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    def typed(name: str, kind: type | tuple[type, ...], default: Any, nullable: bool = True) -> Any:
         value = raw.get(name, default)
+        if value is None and name in raw and not nullable:
+            # PEFT uses its default only for a missing field; an explicit null fails in PEFT too
+            need = "an object ({} for none)" if kind is dict else "a number"
+            raise AdapterError(f"{path}: field {name!r} is null, where PEFT needs {need} and cannot load the adapter "
+                               "either; set it to the value the adapter was trained with")
         if value is None:
             return default
         if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, (int, float)):
             raise AdapterError(f"{path}: field {name!r} has value {value!r}; expected {kind}; fix adapter_config.json")
         return value
 
-    r = typed("r", int, 8)
+    r = typed("r", int, 8, nullable=False)
     # LyCORIS types (LoHa, LoKr) call it alpha
-    alpha = typed("alpha" if peft_type in ("LOHA", "LOKR") else "lora_alpha", (int, float), 8)
-    rank_pattern = typed("rank_pattern", dict, {})
-    alpha_pattern = typed("alpha_pattern", dict, {})
+    alpha = typed("alpha" if peft_type in ("LOHA", "LOKR") else "lora_alpha", (int, float), 8, nullable=False)
+    rank_pattern = typed("rank_pattern", dict, {}, nullable=False)
+    alpha_pattern = typed("alpha_pattern", dict, {}, nullable=False)
     for pname, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for key, value in pattern.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):

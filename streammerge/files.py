@@ -33,13 +33,45 @@ def _skipped(rel: str) -> bool:
     return any(p.startswith(".") for p in parts) or parts[-1].startswith("adapter_")
 
 
+# files whose presence means a folder holds a whole tokenizer (not just a stray template)
+TOKENIZER_CORE = (
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "sentencepiece*.model", "vocab.*",
+    "merges.txt", "*.tiktoken",
+)
+
+
 def is_tokenizer_file(name: str) -> bool:
     return any(fnmatch.fnmatch(name, p) for p in TOKENIZER_PATTERNS)
+
+
+def _ships_tokenizer(names: list[str]) -> bool:
+    return any(fnmatch.fnmatch(n, p) for n in names for p in TOKENIZER_CORE)
+
+
+def _is_template(name: str) -> bool:
+    return name.startswith("chat_template")
+
+
+def _ships_template(root: Path, names: list[str]) -> bool:
+    """A chat template in a file of its own, or inside tokenizer_config.json (which a base's separate
+    chat_template.jinja would override when loaded)."""
+    if any(_is_template(n) for n in names):
+        return True
+    try:
+        config = json.loads((root / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))
 
 
 def side_files(base_root: Path, adapter_root: Path) -> dict[str, Path]:
     """Relative output path -> source file: every non-weight file of the base, tokenizer files of the adapter
     replacing the base's (adapters saved after adding tokens carry the tokenizer that matches them).
+
+    An adapter that ships a tokenizer replaces the base's tokenizer files as a set: a base file the adapter's
+    tokenizer does not have (tokenizer.model beside a new tokenizer.json) would be stale, and loaders that
+    prefer it (llama.cpp's converter) would read the old vocabulary. The chat template is the exception: the
+    base's is kept unless the adapter brings one (as a file or in its tokenizer_config.json).
 
     A file that is a symlink out of its folder (other than into a Hugging Face cache's blobs/) is refused like a
     shard that points outside the model folder: a crafted repo must not get e.g. ~/.ssh copied into the output.
@@ -49,9 +81,14 @@ def side_files(base_root: Path, adapter_root: Path) -> dict[str, Path]:
         rel = path.relative_to(base_root).as_posix()
         if path.is_file() and not _skipped(rel) and not _is_weight(rel):
             files[rel] = _inside_or_refuse(path, base_root)
-    for path in sorted(adapter_root.iterdir()):
-        if path.is_file() and is_tokenizer_file(path.name):
-            files[path.name] = _inside_or_refuse(path, adapter_root)
+    ours = [p for p in sorted(adapter_root.iterdir()) if p.is_file() and is_tokenizer_file(p.name)]
+    names = [p.name for p in ours]
+    if _ships_tokenizer(names):
+        keep_template = not _ships_template(adapter_root, names)
+        files = {rel: src for rel, src in files.items()
+                 if "/" in rel or not is_tokenizer_file(rel) or keep_template and _is_template(rel)}
+    for path in ours:
+        files[path.name] = _inside_or_refuse(path, adapter_root)
     return files
 
 

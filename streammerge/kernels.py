@@ -37,6 +37,26 @@ def add_lora_rows(w: Tensor, a: Tensor, b_rows: Tensor, scale: float, tmp: Tenso
     return w
 
 
+def add_lora_rows_at(w: Tensor, r0: int, a: Tensor, b: Tensor, rows: tuple[int, int], scale: float) -> Tensor:
+    """`w += (B @ A) * s` where the delta covers only rows `[o0, o1)` of the whole weight and `w` is its row block
+    starting at `r0` (a module cut out of a fused tensor).
+
+    Products are taken over tiles of the delta's own rows, counted from `o0`, so the bytes do not depend on
+    where the row blocks fall.
+    """
+    o0, o1 = rows
+    lo, hi = max(r0, o0), min(r0 + w.shape[0], o1)
+    if lo >= hi:
+        return w
+    tile = tile_rows(w.shape[1])
+    for t0 in range((lo - o0) // tile * tile, hi - o0, tile):
+        t1 = min(t0 + tile, o1 - o0)
+        d = torch.mm(b[t0:t1], a).mul_(scale)
+        s0, s1 = max(t0, lo - o0), min(t1, hi - o0)
+        w[s0 + o0 - r0:s1 + o0 - r0].add_(d[s0 - t0:s1 - t0])
+    return w
+
+
 def add_lora_cols(w: Tensor, a_cols: Tensor, b: Tensor, scale: float) -> Tensor:
     """`w += (A[:, r0:r1].T @ B.T) * s`: a row block of `(B @ A).T * s`, tiled like `add_lora_rows`.
 

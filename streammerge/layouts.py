@@ -9,10 +9,13 @@ that both fit but disagree are an error, never a guess.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from .fused import FusedPart, split_parts
 
 Rule = tuple[str, str]
 
@@ -80,6 +83,7 @@ class Layout:
     name: str
     rules: tuple[Rule, ...]
     names: Mapping[str, str] | None = None  # module name -> disk name, from transformers (derived_layout)
+    parts: Mapping[str, FusedPart] | None = None  # module tensors that are rows of a fused disk tensor
 
     def to_disk(self, module_tensor: str) -> str:
         if self.names is not None:
@@ -94,13 +98,14 @@ def derived_layout(root: Path, disk: Iterable[str]) -> Layout | None:
 
     Only used when no built-in layout places every adapter tensor, and only when transformers is importable: the
     model is built on the meta device (no weights), and each disk name goes through its `WeightRenaming`s.
-    Converters (fusing, splitting) are left out: adapters address the tensors they produce by the renamed name.
+    Converters that fuse tensors are left out (adapters address the tensors they produce by the renamed name);
+    converters that split one disk tensor into several module tensors give their row ranges (`Layout.parts`).
     """
     try:
         import torch
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightRenaming, apply_renamings
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings
 
         config = transformers.AutoConfig.from_pretrained(str(root))
         cls = getattr(transformers, (config.architectures or [""])[0], None)
@@ -108,7 +113,9 @@ def derived_layout(root: Path, disk: Iterable[str]) -> Layout | None:
             return None
         with torch.device("meta"):
             model = cls(config)
-        renamings = [c for c in get_model_conversion_mapping(model) if isinstance(c, WeightRenaming)]
+        mapping = get_model_conversion_mapping(model)
+        renamings = [c for c in mapping if isinstance(c, WeightRenaming)]
+        parts = split_parts(model, disk, renamings, [c for c in mapping if isinstance(c, WeightConverter)])
     except Exception:  # noqa: BLE001 - no transformers, an unknown or custom architecture: the built-ins stand
         return None
     names: dict[str, str] = {}
@@ -117,7 +124,14 @@ def derived_layout(root: Path, disk: Iterable[str]) -> Layout | None:
         if module_name in names:  # two disk tensors for one module tensor: not a plain renaming
             return None
         names[module_name] = disk_name
-    return Layout("transformers", (), names)
+    for module_name, part in parts.items():
+        names.setdefault(module_name, part.disk)
+    return Layout("transformers", (), names, parts or None)
+
+
+def transformers_available() -> bool:
+    """Whether derived_layout can ask transformers at all (it is an optional extra)."""
+    return importlib.util.find_spec("transformers") is not None
 
 
 def candidates(loader: str) -> list[Layout]:

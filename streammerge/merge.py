@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from .checkpoint import DTYPES, TensorReader, open_checkpoint
 from .errors import NumericError
 from .files import DTYPE_NAMES, copy_side_files, side_files, write_config
 from .hub import resolve
+from .lineage import base_mismatch
 from .memory import MemoryMonitor, fmt_bytes
 from .pipeline import BufferPool, WriteBehind
 from .output import Staging, check_free_space, check_output
@@ -99,6 +101,9 @@ def merge(
         lora = load_adapter(adapter_dir)
         try:
             plan = build_plan(ckpt, lora, dtype=dtype, loader=loader)
+            mismatch = base_mismatch(lora.config.raw.get("base_model_name_or_path"), base, base_dir)
+            if mismatch:
+                warnings.warn(f"{lora.config.path}: {mismatch}", stacklevel=2)
             shards = plan_shards([PlannedTensor(t.name, t.dtype, t.shape) for t in plan.tensors], shard_limit)
             names = shard_file_names(len(shards))
             merged = plan.merged
@@ -390,7 +395,9 @@ class _Prepared:
     def apply(self, w: torch.Tensor, r0: int, r1: int, col_norms: torch.Tensor | None,
               tmp: torch.Tensor | None) -> None:
         op = self.op
-        if isinstance(op, LoraRows):
+        if isinstance(op, LoraRows) and op.out_rows is not None:
+            kernels.add_lora_rows_at(w, r0, self.a, self.b, op.out_rows, op.scale)
+        elif isinstance(op, LoraRows):
             kernels.add_lora_rows(w, self.a, self.b[r0:r1], op.scale, tmp)
         elif isinstance(op, LoraExperts):
             r = self.a.shape[0] // op.experts

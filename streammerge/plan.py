@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,8 +20,14 @@ import torch
 
 from .adapter import Adapter
 from .checkpoint import ITEMSIZE, TORCH_TO_ST, Checkpoint, TensorInfo
+from .consistency import check_dora
 from .errors import AdapterError, PlanError, UnsupportedError
-from .layouts import candidates, choose_layout, derived_layout, token_adapter_owner, wrapper_copy
+from .fused import FusedPart
+from .layouts import (
+    candidates, choose_layout, derived_layout, token_adapter_owner, transformers_available, wrapper_copy,
+)
+from .quantized import detect as detect_quantization
+from .quantized import refusal as quantized_refusal
 
 PREFIX = "base_model.model."
 
@@ -80,9 +85,12 @@ class LoraRows:
     expert: int | None = None
     experts: int = 1
     b_rows: tuple[int, int] | None = None
+    out_rows: tuple[int, int] | None = None  # the delta covers only these rows of W (a module cut out of a fused W)
 
     def describe(self) -> str:
         where = f"[expert {self.expert}]" if self.expert is not None else ""
+        if self.out_rows is not None:
+            where += f"[rows {self.out_rows[0]}:{self.out_rows[1]}]"
         return f"lora({self.module}{where}, s={self.scale:g})"
 
 
@@ -347,12 +355,9 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     problems = _Problems()
     notes: list[str] = []
 
-    for name, info in ckpt.tensors.items():
-        if info.dtype.startswith("F8") or info.dtype.startswith("F4"):
-            raise UnsupportedError(
-                f"{info.path}: tensor {name} is {info.dtype}: quantized bases are not supported; merge into the "
-                "full-precision (bf16/f16/f32) base"
-            )
+    quant = detect_quantization(ckpt.tensors, base_config)
+    if quant is not None:
+        raise UnsupportedError(quantized_refusal(quant, ckpt.root, ckpt.tensors))
 
     keys = list(adapter.shapes)
     if cfg.peft_type == "VERA":
@@ -387,6 +392,8 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     notes += _fold_wrapper_copies(replacements, adapter)
     fused = (_split_param_modules(modules, cfg, adapter, _param_finder(ckpt.tensors, loader), problems)
              if cfg.target_parameters else [])
+    if cfg.peft_type == "LORA":
+        check_dora({n: m.roles.keys() for n, m in modules.items()}, cfg.use_dora, adapter.weights_path)
 
     for m in modules.values():
         if m.roles.keys() & {"A", "B"} and m.roles.keys() & {"emb_A", "emb_B"}:
@@ -422,6 +429,10 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
             problems.add(f"{n}: no tensor {to_disk(n)} in the base")
         problems.hint = (f"the adapter is for another model (tried {tried}); check --base, or pass the --loader "
                          "that matches the checkpoint's naming")
+        if loader == "auto" and not transformers_available():
+            problems.hint += (". transformers is not installed: with it (pip install 'streammerge[transformers]') "
+                              "streammerge also tries the base's own renamings, which place checkpoints saved under "
+                              "legacy names (e.g. transformer.h.N..., backbone.*) and fused tensors")
         problems.raise_if_any(adapter, ckpt.root)
 
     input_embedding = _find_input_embedding(ckpt, to_disk)
@@ -450,7 +461,12 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
 
     # 1. full replacements (modules_to_save, base_layer.*, bias="all")
     ensure_tying = cfg.ensure_weight_tying
+    parts = choice.layout.parts or {}
     for module_tensor, key in replacements.items():
+        if module_tensor in parts:
+            raise UnsupportedError(f"{adapter.weights_path}: {key} replaces {module_tensor}, which is cut out of the "
+                                   f"fused checkpoint tensor {parts[module_tensor].disk} on load; replacing part of a "
+                                   "tensor is not supported: merge it with PEFT instead")
         shape = adapter.shapes[key]
         if tied and module_tensor in optional:
             emb_module = _module_tensor_of(input_embedding, replacements, to_disk)
@@ -483,7 +499,10 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     for m in modules.values():
         if m.name in used_head_clones:
             continue
-        if cfg.peft_type != "LORA" or m.roles.keys() & OTHER_TYPE_ROLES:
+        part = parts.get(f"{m.name}.weight") or parts.get(f"{m.name}.bias")
+        if part is not None:
+            _plan_fused_part(m, part, adapter, cfg, target, problems)
+        elif cfg.peft_type != "LORA" or m.roles.keys() & OTHER_TYPE_ROLES:
             # checks that every tensor of the module belongs to the adapter's type
             _plan_other_type(m, adapter, cfg, model_type, target, to_disk, ckpt, problems)
         else:
@@ -708,6 +727,39 @@ def _plan_module(m: _Module, adapter: Adapter, cfg, model_type: str, target, pro
                 problems.add(f"{m.name}: lora_B.bias {list(shapes[bkey])} does not fit {bt.name} {list(bt.shape)}")
             else:
                 bt.ops.append(BiasAdd(bkey, scale))
+
+
+def _plan_fused_part(m: _Module, part: FusedPart, adapter: Adapter, cfg, target, problems: _Problems) -> None:
+    """LoRA on a module transformers cuts out of a fused disk tensor: its delta lands on the module's rows."""
+    roles = m.roles
+    extra = sorted(set(roles) - {"A", "B"})
+    if part.rows is None or extra or cfg.peft_type != "LORA":
+        why = ("its rows of the fused tensor cannot be told" if part.rows is None else
+               f"only a plain lora_A/lora_B pair can be merged into its rows, this adapter also has {extra}"
+               if extra else f"only LoRA can be merged into its rows, this is a {cfg.peft_type} adapter")
+        raise UnsupportedError(f"{adapter.weights_path}: {m.name} is cut out of the fused checkpoint tensor "
+                               f"{part.disk} on load ({part.how}); {why}: not supported, merge it with PEFT instead")
+    if set(roles) != {"A", "B"}:
+        have = next(iter(roles.values()))
+        problems.add(f"{m.name}: {have} is saved without the other half of its LoRA pair; the adapter file is "
+                     "incomplete")
+        return
+    t = target(f"{m.name}.weight")
+    if t is None:
+        return
+    r0, r1 = part.rows
+    a_shape, b_shape = adapter.shapes[roles["A"]], adapter.shapes[roles["B"]]
+    rows = (r1 - r0, *t.shape[1:])
+    if len(t.shape) != 2 or _linear_kind(m.name, a_shape, b_shape, rows, "", False) != "rows":
+        problems.add(f"{m.name}: lora_A {list(a_shape)} / lora_B {list(b_shape)} do not fit rows {r0}..{r1 - 1} of "
+                     f"{t.name} {list(t.shape)}")
+        return
+    r, expected_r = a_shape[0], cfg.resolve_r(m.name)
+    if r != expected_r:
+        problems.add(f"{m.name}: lora_A has rank {r} but adapter_config.json says r={expected_r} for it "
+                     "(r / rank_pattern); the config and weights disagree")
+        return
+    t.ops.append(LoraRows(roles["A"], roles["B"], cfg.scaling(m.name, r), m.name, out_rows=(r0, r1)))
 
 
 def _linear_kind(name: str, a: tuple, b: tuple, w: tuple, model_type: str, fan_in_fan_out: bool) -> str | None:

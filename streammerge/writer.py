@@ -7,6 +7,7 @@ machine refuses anything that would produce a broken file (wrong tensor, wrong o
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import errno
 import json
@@ -233,8 +234,15 @@ def _as_bytes(data: torch.Tensor | bytes | bytearray | memoryview) -> memoryview
         t = data.detach()
         if t.device.type != "cpu":
             t = t.cpu()
-        # numpy() keeps the tensor alive through the array's base; reshape(-1) also flattens 0-d tensors
-        return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0:
+            return memoryview(b"")
+        # torch tensors do not export the buffer protocol and numpy is not a dependency: a ctypes array over
+        # the tensor's memory does, and holding the tensor on it keeps that memory alive as long as the view
+        buf = (ctypes.c_ubyte * nbytes).from_address(t.data_ptr())
+        buf._owner = t
+        return memoryview(buf).cast("B")
     view = memoryview(data)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
