@@ -13,7 +13,6 @@ in `[round(x - e), round(x + e)]` (`output_bounds`): usually a single value for 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -60,30 +59,47 @@ class Workspace:
 class Sources:
     """Base and adapter tensors, read through the safetensors library (files stay memory-mapped)."""
 
+    # the library maps each file whole and every page read stays resident in that mapping until it is closed:
+    # reopen a file after this many bytes so the process does not grow by the model's size
+    REOPEN_BYTES = 64 * 2**20
+
     def __init__(self, adapter: Adapter) -> None:
         self.adapter = adapter
-        self._stack = contextlib.ExitStack()
         self._files: dict[Path, object] = {}
+        self._read: dict[Path, int] = {}
         self._factors: dict[str, Tensor] = {}
 
-    def _open(self, path: Path):
+    def _open(self, path: Path, nbytes: int = 0):
         handle = self._files.get(path)
+        if handle is not None and self._read[path] + nbytes > self.REOPEN_BYTES:
+            self._close(path)
+            handle = None
         if handle is None:
             from safetensors import safe_open
 
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
-            self._files[path] = handle
+            handle = safe_open(str(path), framework="pt")
+            handle.__enter__()
+            self._files[path], self._read[path] = handle, 0
+        self._read[path] += nbytes
         return handle
+
+    def _close(self, path: Path) -> None:
+        handle = self._files.pop(path, None)
+        self._read.pop(path, None)
+        if handle is not None:
+            handle.__exit__(None, None, None)
 
     def base_rows(self, info: TensorInfo, per_index: int, cols: int, r0: int, r1: int) -> Tensor:
         """Rows [r0, r1) of the base tensor viewed as `[-1, cols]`, where `per_index` rows make one index of
         dim 0 (1 for the usual `[dim0, rest]` view)."""
-        return self._rows(self._open(info.path), info.name, info.shape, per_index, cols, r0, r1)
+        handle = self._open(info.path, (r1 - r0) * cols * info.itemsize)
+        return self._rows(handle, info.name, info.shape, per_index, cols, r0, r1)
 
     def adapter_rows(self, key: str, shape: tuple[int, ...], per_index: int, cols: int, r0: int, r1: int) -> Tensor:
         path = self.adapter.weights_path
         if path.suffix == ".safetensors":
-            return self._rows(self._open(path), key, shape, per_index, cols, r0, r1)
+            handle = self._open(path, (r1 - r0) * cols * self.adapter.dtypes[key].itemsize)
+            return self._rows(handle, key, shape, per_index, cols, r0, r1)
         return self.adapter.get(key).reshape(-1, cols)[r0:r1]
 
     def factor(self, key: str) -> Tensor:
@@ -91,13 +107,20 @@ class Sources:
         t = self._factors.get(key)
         if t is None:
             path = self.adapter.weights_path
-            raw = self._open(path).get_tensor(key) if path.suffix == ".safetensors" else self.adapter.get(key)
+            if path.suffix == ".safetensors":
+                nbytes = math.prod(self.adapter.shapes[key]) * self.adapter.dtypes[key].itemsize
+                raw = self._open(path, nbytes).get_tensor(key)
+            else:
+                raw = self.adapter.get(key)
             t = raw.to(F64)
             self._factors[key] = t
         return t
 
-    def forget_factors(self) -> None:
+    def tensor_done(self) -> None:
+        """Drop the factors and the file mappings of the tensor just checked."""
         self._factors.clear()
+        for path in list(self._files):
+            self._close(path)
 
     @staticmethod
     def _rows(handle, name: str, shape: tuple[int, ...], per_index: int, cols: int, r0: int, r1: int) -> Tensor:
@@ -108,9 +131,7 @@ class Sources:
         return slab.reshape(-1, cols)[r0 - i0 * per_index: r1 - i0 * per_index]
 
     def close(self) -> None:
-        self._factors.clear()
-        self._files.clear()
-        self._stack.close()
+        self.tensor_done()
 
 
 def row_view(t: OutTensor) -> tuple[int, int, int]:
@@ -251,15 +272,15 @@ class TensorReference:
             y = x * v
             return y, e * v.abs() + _gamma(1) * y.abs()
         if isinstance(op, VeraRows):  # [13] (lambda_b * B[:out]) @ (lambda_d * A[:, :in])
-            a, b = f(VERA_SHARED[0]), f(VERA_SHARED[1])
-            lb, ld = f(op.lambda_b).reshape(-1, 1), f(op.lambda_d).reshape(-1, 1)
-            b_scaled = lb * b[: lb.shape[0]]
-            a_scaled = ld * a
-            if op.transpose:  # Conv1D [in, out]: rows are inputs
-                pair = self._pair(op, lambda: (a_scaled[:, : self.rows].T, b_scaled.T))
-            else:
-                pair = self._pair(op, lambda: (b_scaled, a_scaled[:, : self.cols]))
-            return _add_product(x, e, pair, r0, r1, 1.0, self.ws, extra=2)
+            def factors() -> tuple[Tensor, Tensor]:
+                a, b = f(VERA_SHARED[0]), f(VERA_SHARED[1])
+                lb, ld = f(op.lambda_b).reshape(-1, 1), f(op.lambda_d).reshape(-1, 1)
+                b_scaled, a_scaled = lb * b[: lb.shape[0]], ld * a
+                if op.transpose:  # Conv1D [in, out]: rows are inputs
+                    return a_scaled[:, : self.rows].T, b_scaled.T
+                return b_scaled, a_scaled[:, : self.cols]
+
+            return _add_product(x, e, self._pair(op, factors), r0, r1, 1.0, self.ws, extra=2)
         raise TypeError(f"no reference formula for {type(op).__name__}")
 
     def _experts(self, op: LoraExperts, x: Tensor, e: Tensor, r0: int, r1: int) -> tuple[Tensor, Tensor]:
@@ -357,17 +378,20 @@ def _round(x: Tensor, dtype: torch.dtype) -> Tensor:
     return x.to(dtype)
 
 
-def output_bounds(x: Tensor, e: Tensor, dtype: torch.dtype, ws: Workspace) -> tuple[Tensor, Tensor, Tensor]:
+def round_once(x: Tensor, dtype: torch.dtype, ws: Workspace) -> Tensor:
+    """x rounded to float32 and then to the output dtype (into workspace buffers)."""
+    narrow = ws.get("narrow", x.shape, torch.float32)
+    narrow.copy_(x)
+    if dtype == torch.float16:
+        narrow.clamp_(-F16_MAX, F16_MAX)
+    return narrow if dtype == torch.float32 else ws.get("rounded", x.shape, dtype).copy_(narrow)
+
+
+def output_bounds(x: Tensor, e: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """(round(x), round(x - e), round(x + e)) in `dtype`: a float32 y with |y - x| <= e is rounded to a value
     between the last two (rounding to float32 and then to the output dtype is monotonic, and y is a float32)."""
-    wide = ws.get("wide", x.shape)
-    narrow = ws.get("narrow", x.shape, torch.float32)
-    out = []
-    for name, sign in (("rounded", 0), ("lo", -1), ("hi", 1)):
-        narrow.copy_(torch.add(x, e, alpha=sign, out=wide) if sign else x)
-        if dtype == torch.float16:
-            narrow.clamp_(-F16_MAX, F16_MAX)
-        y = ws.get(name, x.shape, dtype)
-        y.copy_(narrow)
-        out.append(y)
-    return out[0], out[1], out[2]
+    def rnd(v: Tensor) -> Tensor:
+        v = v.to(torch.float32)
+        return (v.clamp(-F16_MAX, F16_MAX) if dtype == torch.float16 else v).to(dtype)
+
+    return rnd(x), rnd(x - e), rnd(x + e)

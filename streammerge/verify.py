@@ -27,7 +27,7 @@ from .files import DTYPE_NAMES, output_config, side_files
 from .hub import resolve
 from .merge import one_torch_thread  # the thread policy only; no merge math is imported
 from .plan import OUT_DTYPES, OutTensor, build_plan, output_dtype, read_base_config
-from .reference import Sources, TensorReference, Workspace, output_bounds
+from .reference import Sources, TensorReference, Workspace, output_bounds, round_once
 from .writer import parse_size
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -165,8 +165,10 @@ def verify(
                     report.mismatched.append(f"{name}: merged is {got.dtype}{list(got.shape)}, expected "
                                              f"{t.dtype}{list(t.shape)}")
                     continue
-                check = _check_tensor(t, merged_reader.tensor(got), sources, ws, sample_blocks, rng, block_bytes)
-                sources.forget_factors()
+                # checked rows' pages are released as it goes, so the process does not grow by the model's size
+                check = _check_tensor(t, merged_reader.tensor(got), sources, ws, sample_blocks, rng, block_bytes,
+                                      release=lambda a, b, got=got: merged_reader.release(got, a, b))
+                sources.tensor_done()
                 report.checks.append(check)
                 if check.max_ulps:
                     say(f"  {name}: up to {check.max_ulps} ulp off ({check.detail})")
@@ -192,13 +194,17 @@ def _dtype_choices(planned: list[OutTensor], merged: dict, pinned: str | None) -
 
 
 def _check_tensor(t: OutTensor, merged: torch.Tensor, sources: Sources, ws: Workspace, sample_blocks: int | None,
-                  rng: random.Random, block_bytes: int) -> TensorCheck:
+                  rng: random.Random, block_bytes: int,
+                  release: Callable[[int, int], None] = lambda a, b: None) -> TensorCheck:
+    """Compare the merged tensor (a view of the output) with the reference, block by block; `release(a, b)` is
+    told when indices [a, b) of dim 0 are done with."""
     ref = TensorReference(t, sources, ws)
     rows, cols = ref.rows, ref.cols
     have_all = merged.reshape(rows, cols)
     step = max(1, block_bytes // (8 * max(1, cols)))
     chosen = _sampler(rows, step, sample_blocks, rng)
     check = TensorCheck(t.name, 0, 0, rows, exact=ref.exact)
+    released = 0
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         if not chosen(r0, r1):
@@ -207,18 +213,33 @@ def _check_tensor(t: OutTensor, merged: torch.Tensor, sources: Sources, ws: Work
         if ref.exact:
             want = ref.block_exact(r0, r1)
             excess = ulp_distance(want, have)
-            lo = hi = want
-            x = None
+            if excess > check.max_ulps:
+                check.max_ulps, check.detail = excess, _where_exact(have, want, r0)
         else:
             x, e = ref.block(r0, r1)
-            rounded, lo, hi = output_bounds(x, e, have.dtype, ws)
-            flags = ws.get("flags", have.shape, torch.bool)
-            check.off_rounded += int(torch.ne(have, rounded, out=flags).sum())
-            excess = _excess(have, lo, hi, ws)
-        if excess > check.max_ulps:
-            check.max_ulps = excess
-            check.detail = _where(have, lo, hi, r0, x)
+            # most values are the float64 value rounded once (compared as bits: cheaper, and -0.0 vs +0.0 or a NaN
+            # only go on to the interval test); only the others need their interval
+            ints = _INT_VIEW[have.element_size()]
+            rounded = round_once(x, have.dtype, ws)
+            off = torch.ne(have.view(ints), rounded.view(ints), out=ws.get("flags", have.shape, torch.bool))
+            n_off = int(torch.count_nonzero(off))
+            if n_off:
+                check.off_rounded += n_off
+                at = off.reshape(-1).nonzero().squeeze(1)
+                h, xs = have.reshape(-1)[at], x.reshape(-1)[at]
+                _, lo, hi = output_bounds(xs, e.reshape(-1)[at], have.dtype)
+                distance = _line_distance(h, lo, hi)
+                worst = int(distance.argmax())
+                if int(distance[worst]) > check.max_ulps:
+                    i, j = divmod(int(at[worst]), cols)
+                    check.max_ulps = int(distance[worst])
+                    check.detail = (f"row {r0 + i}, column {j}: merged {h[worst].item()!r}, float64 reference "
+                                    f"{xs[worst].item():.9g}, allowed {lo[worst].item()!r} to {hi[worst].item()!r}")
         check.rows_checked += r1 - r0
+        # from the previous block on: the kernel maps pages around each fault, also behind the rows just read
+        release(released, -(-r1 // ref.per_index))
+        released = r0 // ref.per_index
+    release(0, -(-rows // ref.per_index))
     return check
 
 
@@ -244,16 +265,6 @@ def _ordered(t: torch.Tensor) -> torch.Tensor:
     return torch.where(i < 0, -(i & mask), i)
 
 
-def _excess(have: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, ws: Workspace) -> int:
-    """How many ulps the element furthest outside [lo, hi] lies outside (0: all inside)."""
-    inside, upper = ws.get("flags", have.shape, torch.bool), ws.get("flags2", have.shape, torch.bool)
-    torch.ge(have, lo, out=inside).logical_and_(torch.le(have, hi, out=upper))  # NaN is outside
-    if bool(inside.all()):
-        return 0
-    outside = ~inside
-    return int(_line_distance(have[outside], lo[outside], hi[outside]).max())
-
-
 def _line_distance(have: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     """Per element, how many ulps `have` lies outside [lo, hi] (0 inside); NaN is far from everything."""
     h, a, b = _ordered(have), _ordered(lo), _ordered(hi)
@@ -263,21 +274,13 @@ def _line_distance(have: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> to
     return d.reshape(-1) if d.numel() else torch.zeros(1, dtype=torch.int64)
 
 
-def _where(have: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, r0: int, x: torch.Tensor | None) -> str:
-    """Row, column and values of the element furthest outside [lo, hi] (bitwise for exact tensors)."""
-    if x is None:
-        bad = (have.contiguous().view(_INT_VIEW[have.element_size()])
-               != lo.contiguous().view(_INT_VIEW[lo.element_size()]))
-        flat = int(bad.reshape(-1).nonzero()[0][0]) if bool(bad.any()) else 0
-    else:
-        flat = int(_line_distance(have, lo, hi).argmax())
-    cols = have.shape[1] if have.dim() > 1 else 1
-    i, j = divmod(flat, cols)
-    h, a, b = (v.reshape(-1)[flat].item() for v in (have, lo, hi))
-    where = f"row {r0 + i}, column {j}: merged {h!r}"
-    if x is None:
-        return f"{where}, expected {a!r}"
-    return f"{where}, float64 reference {x.reshape(-1)[flat].item():.9g}, allowed {a!r} to {b!r}"
+def _where_exact(have: torch.Tensor, want: torch.Tensor, r0: int) -> str:
+    """Row, column and values of the first element whose bits differ."""
+    ints = _INT_VIEW[have.element_size()]
+    bad = have.contiguous().view(ints).reshape(-1) != want.contiguous().view(ints).reshape(-1)
+    flat = int(bad.nonzero()[0][0]) if bool(bad.any()) else 0
+    i, j = divmod(flat, have.shape[1] if have.dim() > 1 else 1)
+    return f"row {r0 + i}, column {j}: merged {have.reshape(-1)[flat].item()!r}, expected {want.reshape(-1)[flat].item()!r}"
 
 
 def _check_config(base_dir: Path, merged_dir: Path, updates: dict, choices: list[str]) -> list[str]:

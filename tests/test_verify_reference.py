@@ -503,17 +503,16 @@ def test_float32_output_tolerance(pair, tmp_path):
 def test_output_bounds_follow_float32_rounding():
     """[round(x - e), round(x + e)]: one value when the bound is far from a rounding tie, both neighbours when
     float32 arithmetic could land on either side."""
-    from streammerge.reference import Workspace, output_bounds
+    from streammerge.reference import output_bounds
 
     one = torch.tensor([[1.0]], dtype=torch.float64)
     ulp = 2.0 ** -7  # bf16 at 1.0
-    ws = Workspace()
-    rounded, lo, hi = output_bounds(one + 0.3 * ulp, torch.full_like(one, 1e-7), torch.bfloat16, ws)
+    rounded, lo, hi = output_bounds(one + 0.3 * ulp, torch.full_like(one, 1e-7), torch.bfloat16)
     assert rounded.item() == lo.item() == hi.item() == 1.0
-    rounded, lo, hi = output_bounds(one + 0.5 * ulp, torch.full_like(one, 1e-7), torch.bfloat16, ws)
+    rounded, lo, hi = output_bounds(one + 0.5 * ulp, torch.full_like(one, 1e-7), torch.bfloat16)
     assert (lo.item(), hi.item()) == (1.0, 1.0 + ulp)
     big = torch.tensor([[70000.0]], dtype=torch.float64)
-    rounded, lo, hi = output_bounds(big, torch.zeros_like(big), torch.float16, ws)
+    rounded, lo, hi = output_bounds(big, torch.zeros_like(big), torch.float16)
     assert rounded.item() == lo.item() == hi.item() == 65504.0  # an f16 output is clamped, never inf
 
 
