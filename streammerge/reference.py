@@ -234,7 +234,14 @@ class TensorReference:
             if op.b_rows is not None:
                 b = b[op.b_rows[0]:op.b_rows[1]]
             pair = self._pair(op, lambda: (b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)))
-            return _add_product(x, e, pair, r0, r1, op.scale, self.ws)
+            if op.out_rows is None:
+                return _add_product(x, e, pair, r0, r1, op.scale, self.ws)
+            # a module cut out of a fused tensor: its delta covers rows [o0, o1) of W only
+            o0, o1 = op.out_rows
+            s0, s1 = max(r0, o0), min(r1, o1)
+            if s0 < s1:
+                _add_product(x[s0 - r0:s1 - r0], e[s0 - r0:s1 - r0], pair, s0 - o0, s1 - o0, op.scale, self.ws)
+            return x, e
         if isinstance(op, LoraCols):  # [5] Conv1D, [6] embedding: dW = (B @ A)^T * s
             pair = self._pair(op, lambda: (f(op.a).T, f(op.b).T))
             return _add_product(x, e, pair, r0, r1, op.scale, self.ws)

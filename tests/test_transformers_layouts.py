@@ -92,6 +92,11 @@ def test_merges_like_peft_with_transformers(legacy, wd):
     assert set(fused.get(model_type, [])) <= changed  # rows of the fused tensors
     assert len(changed) >= 3
     vh.compare_to_reference(out_t, base_t, ref, changed)
+    # verify's float64 reference knows the row blocks a split module covers in the fused tensor
+    from streammerge.verify import verify
+
+    report = verify(base, adapter, out, sample_blocks=None)
+    assert report.ok, report.problems()
 
 
 def test_without_transformers_the_error_says_to_install_it(legacy, tmp_path):
