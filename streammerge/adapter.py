@@ -21,30 +21,23 @@ import torch
 from .checkpoint import TensorInfo, TensorReader, read_header
 from .errors import AdapterError, MissingFileError, NumericError, UnsupportedError
 from .kernels import nonfinite_count
+from .tuners import TUNERS
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 
-# Fields of LoraConfig up to PEFT 0.21 that are metadata or only matter at injection/training time.
-_INERT_FIELDS = {
+# Fields of every PEFT config (up to 0.21) that are metadata or only matter at injection/training time; each tuner
+# adds the fields of its own type (streammerge.tuners).
+_COMMON_FIELDS = {
     "auto_mapping", "base_model_name_or_path", "revision", "task_type", "inference_mode", "peft_version",
-    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "lora_dropout",
-    "megatron_config", "megatron_core", "eva_config", "runtime_config", "use_qalora", "qalora_group_size",
-    "velora_config", "monteclora_config", "lora_ga_config", "loftq_config", "corda_config",
-    "init_lora_weights", "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
-    "fan_in_fan_out", "bias", "lora_bias", "use_dora", "modules_to_save", "layer_replication",
-    "target_parameters", "trainable_token_indices", "ensure_weight_tying", "alora_invocation_tokens",
-    "arrow_config", "kasa_config", "use_bdlora", "enable_lora", "save_embedding_layers",
-    "tied_target_modules", "modules_to_tie",
-    # LoHa / LoKr / IA3 / VeRA (PEFT 0.21)
-    "alpha", "init_weights", "module_dropout", "rank_dropout", "use_effective_conv2d", "decompose_both",
-    "decompose_factor", "rank_dropout_scale", "feedforward_modules", "init_ia3_weights", "d_initial",
-    "projection_prng_key", "save_projection", "vera_dropout",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "runtime_config", "peft_type",
+    "modules_to_save", "ensure_weight_tying", "save_embedding_layers", "tied_target_modules", "modules_to_tie",
 }
 
-# PEFT types with a merge here: LoRA (incl. rsLoRA, DoRA, target_parameters) and the additive/multiplicative
-# types whose delta is a per-tensor formula of saved tensors (spec §13)
-SUPPORTED_TYPES = ("LORA", "LOHA", "LOKR", "IA3", "VERA")
+
+def _known_fields() -> set[str]:
+    return _COMMON_FIELDS.union(*(t.config_fields for t in TUNERS.values()))
+
 
 # float32 factors kept by Adapter.factor: enough for the A and B of two fused expert parameters at once
 FACTOR_CACHE = 8
@@ -162,19 +155,17 @@ def load_adapter_config(root: Path) -> AdapterConfig:
         raise AdapterError(f"{path}: expected a JSON object; re-save or re-download the adapter")
 
     peft_type = str(raw.get("peft_type", "LORA")).upper()
-    if peft_type not in SUPPORTED_TYPES:
+    tuner = TUNERS.get(peft_type)
+    if tuner is None:
         raise UnsupportedError(
-            f"{path}: peft_type {peft_type!r} is not supported (streammerge merges {', '.join(SUPPORTED_TYPES)} "
+            f"{path}: peft_type {peft_type!r} is not supported (streammerge merges {', '.join(TUNERS)} "
             "adapters); merge it with PEFT's merge_and_unload instead"
         )
-    if peft_type == "VERA" and not raw.get("save_projection", True):
-        raise UnsupportedError(
-            f"{path}: a VeRA adapter saved with save_projection=false has no vera_A/vera_B (PEFT regenerates them "
-            "from a PRNG key); re-save it with save_projection=True"
-        )
+    if tuner.check_config is not None:
+        tuner.check_config(path, raw)
     _refuse_unmergeable(path, raw)
 
-    unknown = sorted(set(raw) - _INERT_FIELDS)
+    unknown = sorted(set(raw) - _known_fields())
     if unknown:
         warnings.warn(
             f"{path}: unknown adapter_config fields {unknown} (from another PEFT version?) were ignored",
@@ -195,8 +186,7 @@ def load_adapter_config(root: Path) -> AdapterConfig:
         return value
 
     r = typed("r", int, 8, nullable=False)
-    # LyCORIS types (LoHa, LoKr) call it alpha
-    alpha = typed("alpha" if peft_type in ("LOHA", "LOKR") else "lora_alpha", (int, float), 8, nullable=False)
+    alpha = typed(tuner.alpha_field, (int, float), 8, nullable=False)
     rank_pattern = typed("rank_pattern", dict, {}, nullable=False)
     alpha_pattern = typed("alpha_pattern", dict, {}, nullable=False)
     for pname, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):

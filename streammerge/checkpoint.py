@@ -19,45 +19,13 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, MissingFileError
+from .io.formats import DTYPES, ITEMSIZE, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE, SUBBYTE, TORCH_TO_ST  # noqa: F401
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+SAFE_WEIGHTS_NAME = SAFETENSORS_SINGLE_FILE
+SAFE_WEIGHTS_INDEX_NAME = SAFETENSORS_INDEX_FILE
 
 # The safetensors reader refuses headers above 100 MB; so do we, before allocating anything for one.
 MAX_HEADER_SIZE = 100_000_000
-
-# torch dtypes that may be missing on older torch versions (pyproject admits torch >= 2.1).
-_OPTIONAL = {
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz",
-    "F8_E5M2FNUZ": "float8_e5m2fnuz",
-    "F8_E8M0": "float8_e8m0fnu",
-}
-
-DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool,
-    "U8": torch.uint8,
-    "I8": torch.int8,
-    "I16": torch.int16,
-    "I32": torch.int32,
-    "I64": torch.int64,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F32": torch.float32,
-    "F64": torch.float64,
-    "C64": torch.complex64,
-}
-DTYPES.update({st: getattr(torch, name) for st, name in _OPTIONAL.items() if hasattr(torch, name)})
-
-ITEMSIZE: dict[str, int] = {st: torch.empty((), dtype=dt).element_size() for st, dt in DTYPES.items()}
-TORCH_TO_ST: dict[torch.dtype, str] = {dt: st for st, dt in DTYPES.items()}
-
-# Sub-byte safetensors dtypes: valid files, but their shapes count 4/6-bit elements that torch cannot view.
-_SUBBYTE = ("F4", "F6_E2M3", "F6_E3M2")
 
 _INT64_MAX = 2**63 - 1
 
@@ -179,7 +147,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if not isinstance(dtype, str):
             raise CheckpointError(f"{where}: dtype {dtype!r} is not a string: corrupt file; {redownload}")
         if dtype not in DTYPES:
-            if dtype in _SUBBYTE:
+            if dtype in SUBBYTE:
                 raise CheckpointError(
                     f"{where}: sub-byte dtype {dtype} is not supported by streammerge: dequantize the checkpoint first"
                 )

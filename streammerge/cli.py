@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _check_sizes(parser: argparse.ArgumentParser, flags: dict[str, str | None]) -> None:
     """Size flags ("5GB", "256MB") are user input: a bad one is a usage error (exit 2), not a failed merge."""
-    from .writer import parse_size
+    from .options import parse_size
 
     for flag, value in flags.items():
         if value is not None:

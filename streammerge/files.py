@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import AdapterError, CheckpointError
+from .io.formats import DTYPE_NAMES  # noqa: F401  (re-exported)
 
 # other serialisations of the weights: copying them would ship unmerged weights beside the merged ones
 WEIGHT_SUFFIXES = (
@@ -20,7 +21,6 @@ TOKENIZER_PATTERNS = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.tiktoken",
     "spiece.model", "sentencepiece*.model", "tokenizer.model", "chat_template*",
 )
-DTYPE_NAMES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
 def _is_weight(rel: str) -> bool:
@@ -151,3 +151,24 @@ def write_config(src: Path | None, dest: Path, dtype_name: str | None, updates: 
 
 def _has_key(config: dict[str, Any], key: str) -> bool:
     return key in config or any(isinstance(v, dict) and _has_key(v, key) for v in config.values())
+
+
+def read_base_config(root: Path) -> dict[str, Any]:
+    """config.json of the base, or {} when it has none."""
+    path = root / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path}: base config.json is not valid JSON ({e}); re-download the base") from e
+    return data if isinstance(data, dict) else {}
+
+
+def config_values(config: dict[str, Any], key: str) -> list[Any]:
+    """`key` at the top level and in nested *_config dicts (text_config of vision-language models)."""
+    found = [config[key]] if key in config else []
+    for v in config.values():
+        if isinstance(v, dict):
+            found += config_values(v, key)
+    return found

@@ -25,11 +25,10 @@ from .lineage import base_mismatch
 from .memory import MemoryMonitor, fmt_bytes
 from .pipeline import BufferPool, WriteBehind
 from .output import Staging, check_free_space, check_output
-from .plan import (
-    OUT_DTYPES, VERA_SHARED, BiasAdd, DoraCols, DoraRows, Ia3Scale, LohaRows, LokrRows, LoraCols, LoraExperts,
-    LoraRows, OutTensor, Plan, TokenRows, VeraRows, build_plan,
-)
-from .writer import PlannedTensor, ShardWriter, parse_size, plan_shards, shard_file_names, write_index
+from .options import OUT_DTYPES, parse_size
+from .plan import OutTensor, Plan, build_plan
+from .tuners.base import Block
+from .writer import PlannedTensor, ShardWriter, plan_shards, shard_file_names, write_index
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_BLOCK_BYTES = 4 * 2**20  # float32 row blocks of ~4 MiB stay in L2/L3; whole-tensor math is ~6x slower
@@ -272,7 +271,7 @@ def merged_rows(
         def source(r0: int, r1: int) -> torch.Tensor:
             return reader.rows(info, r0, r1).reshape(r1 - r0, cols)
 
-    ops = [_Prepared(op, lora) for op in t.ops]
+    ops = [op.prepare(lora) for op in t.ops]
     tile = kernels.tile_rows(cols)
     step = max(tile, block_bytes // (max(cols, 1) * 4) // tile * tile)  # whole tiles: bytes independent of it
     # float32 scratch reused by every block of this tensor: no allocation (and no page faults) per block
@@ -281,29 +280,30 @@ def merged_rows(
     src_dtype = lora.dtypes[t.replacement] if t.replacement is not None else t.base.torch_dtype
     via_f32 = not ops and src_dtype in half and out_dtype in half and src_dtype != out_dtype
     scratch = torch.empty(min(step, rows) * cols, dtype=torch.float32) if ops or via_f32 else None
-    tmp = torch.empty_like(scratch) if ops and any(isinstance(p.op, (LoraRows, VeraRows)) for p in ops) else None
+    tmp: list[torch.Tensor] = []  # a second float32 buffer for the ops that want one, made on first use
 
-    def compute(r0: int, r1: int, src: torch.Tensor) -> torch.Tensor:
+    def block(r0: int, r1: int) -> Block:
+        def second() -> torch.Tensor:
+            if not tmp:
+                tmp.append(torch.empty_like(scratch))
+            return tmp[0][: (r1 - r0) * cols].view(r1 - r0, cols)
+
+        return Block(r0, r1, second)
+
+    def compute(r0: int, r1: int, src: torch.Tensor, upto: int | None = None) -> torch.Tensor:
         w = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
         w.copy_(src)
-        t_block = tmp[: (r1 - r0) * cols].view(r1 - r0, cols) if tmp is not None else None
-        for p in ops:
-            p.apply(w, r0, r1, col_norms, t_block)
+        b = block(r0, r1)
+        for p in ops[:upto]:
+            p.apply(w, b)
         return w
 
-    col_norms = None
-    if any(isinstance(p.op, DoraCols) for p in ops):
-        # the norm runs over every row, so it needs its own pass before any row can be written
-        before = ops[: next(i for i, p in enumerate(ops) if isinstance(p.op, DoraCols))]
-        col_sq = torch.zeros(cols, dtype=torch.float64)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            w = scratch[: (r1 - r0) * cols].view(r1 - r0, cols)
-            w.copy_(source(r0, r1))
-            for p in before:
-                p.apply(w, r0, r1, None, None)
-            col_sq += kernels.column_sq_norms(w).double()
-        col_norms = col_sq.sqrt().float()
+    for i, p in enumerate(ops):
+        if p.prepass:
+            # e.g. DoRA's column norms run over every row: a pass of their own before any row can be written
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                p.observe(compute(r0, r1, source(r0, r1), upto=i))
 
     overflow: list[int] = []  # [count, first row] once float16 overflow was seen: count it all, then refuse
     for r0 in range(0, rows, step):
@@ -352,79 +352,3 @@ def _f16_overflow(w: torch.Tensor) -> tuple[int, int]:
     if not bool(over.any()):
         return 0, -1
     return int(over.sum()), int(over.reshape(w.shape[0], -1).any(dim=1).nonzero()[0][0])
-
-
-class _Prepared:
-    """An op with its adapter tensors loaded once as float32 (they are small: rank x dim)."""
-
-    def __init__(self, op, lora: Adapter) -> None:
-        self.op = op
-        if isinstance(op, (LoraRows, LoraCols, LoraExperts)):
-            a, b = lora.factor(op.a), lora.factor(op.b)
-            if isinstance(op, LoraRows):
-                if op.expert is not None:
-                    # one expert of fused factors: A rows grouped by expert, B columns interleaved (spec §12)
-                    r = a.shape[0] // op.experts
-                    a = a[op.expert * r:(op.expert + 1) * r]
-                    b = b[:, op.expert::op.experts]
-                if op.b_rows is not None:
-                    b = b[op.b_rows[0]:op.b_rows[1]]
-                self.a, self.b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1).contiguous()
-            else:
-                self.a, self.b = a, b
-        elif isinstance(op, TokenRows):
-            values = lora.factor(op.key).to(DTYPES[op.base_dtype]).float()
-            self.indices = torch.tensor(op.indices, dtype=torch.long)
-            self.values = values
-        elif isinstance(op, (BiasAdd, DoraRows, DoraCols, Ia3Scale)):
-            self.v = lora.factor(op.key).reshape(-1)
-        elif isinstance(op, LohaRows):
-            self.w1a, self.w1b, self.w2a, self.w2b = (lora.factor(k) for k in (op.w1a, op.w1b, op.w2a, op.w2b))
-        elif isinstance(op, LokrRows):
-            w1, w2 = ([lora.factor(k) for k in keys] for keys in (op.w1, op.w2))
-            self.w1 = w1[0] if len(w1) == 1 else w1[0] @ w1[1]
-            self.w2 = w2[0] if len(w2) == 1 else w2[0] @ w2[1]
-        elif isinstance(op, VeraRows):
-            a, b = lora.factor(VERA_SHARED[0]), lora.factor(VERA_SHARED[1])
-            lambda_b, lambda_d = lora.factor(op.lambda_b), lora.factor(op.lambda_d)
-            # exactly PEFT's factors: (lambda_b * B[:out]) and (lambda_d * A[:, :in]), rounded in float32
-            out_dim = lambda_b.shape[0]
-            self.b = lambda_b.unsqueeze(-1) * b[:out_dim]
-            self.a_full = lambda_d.unsqueeze(-1) * a
-
-    def apply(self, w: torch.Tensor, r0: int, r1: int, col_norms: torch.Tensor | None,
-              tmp: torch.Tensor | None) -> None:
-        op = self.op
-        if isinstance(op, LoraRows) and op.out_rows is not None:
-            kernels.add_lora_rows_at(w, r0, self.a, self.b, op.out_rows, op.scale)
-        elif isinstance(op, LoraRows):
-            kernels.add_lora_rows(w, self.a, self.b[r0:r1], op.scale, tmp)
-        elif isinstance(op, LoraExperts):
-            r = self.a.shape[0] // op.experts
-            for e in range(r0, r1):
-                kernels.add_expert_delta(w[e - r0], self.a[e * r:(e + 1) * r], self.b[:, e::op.experts], op.scale,
-                                         op.transpose)
-        elif isinstance(op, LoraCols):
-            kernels.add_lora_cols(w, self.a[:, r0:r1], self.b, op.scale)
-        elif isinstance(op, BiasAdd):
-            kernels.add_scaled(w, self.v[r0:r1].reshape(-1, 1), op.scale)
-        elif isinstance(op, TokenRows):
-            sel = (self.indices >= r0) & (self.indices < r1)
-            if bool(sel.any()):
-                kernels.replace_rows(w, self.indices[sel] - r0, self.values[sel])
-        elif isinstance(op, DoraRows):
-            kernels.dora_rows(w, self.v[r0:r1])
-        elif isinstance(op, DoraCols):
-            if col_norms is not None:
-                kernels.dora_cols(w, self.v, col_norms)
-        elif isinstance(op, LohaRows):
-            kernels.add_hadamard_rows(w, self.w1a[r0:r1], self.w1b, self.w2a[r0:r1], self.w2b, op.scale)
-        elif isinstance(op, LokrRows):
-            kernels.add_kron_rows(w, self.w1, self.w2, r0, r1, op.scale)
-        elif isinstance(op, Ia3Scale):
-            kernels.scale_rows(w, self.v[r0:r1]) if op.axis == "rows" else kernels.scale_cols(w, self.v)
-        elif isinstance(op, VeraRows):
-            if op.transpose:  # Conv1D [in, out]: rows are inputs
-                kernels.add_lora_cols(w, self.a_full[:, r0:r1], self.b, 1.0)
-            else:
-                kernels.add_lora_rows(w, self.a_full[:, : w.shape[1]], self.b[r0:r1], 1.0, tmp)

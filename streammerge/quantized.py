@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+from .io.formats import FLOAT_DTYPES
+
 _LOW_FLOAT = ("F8", "F6", "F4")
 _INT_DTYPES = {"U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"}
 

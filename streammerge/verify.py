@@ -23,12 +23,13 @@ import torch
 from .adapter import load_adapter
 from .checkpoint import TensorReader, open_checkpoint
 from .errors import CheckpointError, MissingFileError, VerifyError
-from .files import DTYPE_NAMES, output_config, side_files
+from .bounds import Workspace
+from .files import DTYPE_NAMES, output_config, read_base_config, side_files
 from .hub import resolve
 from .merge import one_torch_thread  # the thread policy only; no merge math is imported
-from .plan import OUT_DTYPES, OutTensor, build_plan, output_dtype, read_base_config
-from .reference import Sources, TensorReference, Workspace, output_bounds, round_once
-from .writer import parse_size
+from .options import OUT_DTYPES, output_dtype, parse_size
+from .plan import OutTensor, build_plan
+from .reference import Sources, TensorReference, output_bounds, round_once
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # row blocks per tensor checked by default, besides the first and the last

@@ -13,28 +13,20 @@ import errno
 import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import MappingProxyType
 
 import torch
 
-from .checkpoint import DTYPES, ITEMSIZE
+from .io.formats import DTYPES, ITEMSIZE, SAVE_ORDER
 from .errors import CheckpointError, OutputError, StreamMergeError
 
 DEFAULT_METADATA: Mapping[str, str] = MappingProxyType({"format": "pt"})
 
-# safetensors' Rust `Dtype` enum in declaration order. save_file sorts tensors by this enum, descending, then by
-# name (byte order), which also puts wider types first so every tensor is aligned. Verified against
-# safetensors.torch.save_file in tests/test_writer.py.
-_ST_DTYPE_ORDER = (
-    "BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ",
-    "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64",
-)
-_DTYPE_RANK = {name: i for i, name in enumerate(_ST_DTYPE_ORDER)}
+# save_file's order (verified against safetensors.torch.save_file in tests/test_writer.py)
+_DTYPE_RANK = {name: i for i, name in enumerate(SAVE_ORDER)}
 
 # Small writes are coalesced; anything this big or bigger goes straight to the fd.
 BUFFER_SIZE = 1 << 20
@@ -60,37 +52,6 @@ class PlannedTensor:
 
 # ----------------------------------------------------------------------------------------------------------------
 # planning
-
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from "5GB" (10^9), "2GiB" (2^30), "500MB", "1000" or an int; ValueError for anything else."""
-    if isinstance(text, bool):
-        raise ValueError(f"invalid size {text!r}: use a number of bytes or a number with a unit, e.g. 5GB, 2GiB")
-    if isinstance(text, int):
-        if text <= 0:
-            raise ValueError(f"invalid size {text}: must be a positive number of bytes")
-        return text
-    match = _SIZE_RE.match(str(text))
-    if not match:
-        raise ValueError(
-            f"invalid size {text!r}: use a number of bytes or a number with a unit, e.g. 5GB, 500MB, 2GiB"
-        )
-    number, unit = match.groups()
-    try:
-        value = int(Decimal(number) * _UNITS[(unit or "b").lower()])
-    except InvalidOperation:  # pragma: no cover - the regex admits only decimals
-        raise ValueError(f"invalid size {text!r}: not a number") from None
-    if value <= 0:
-        raise ValueError(f"invalid size {text!r}: must be at least 1 byte")
-    return value
 
 
 def plan_shards(tensors: Sequence[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:

@@ -306,9 +306,25 @@ def test_merge_verify_catches_a_dropped_scale(capsys, pair, tmp_path, monkeypatc
     assert rc == VERIFY_FAILED and "model.layers.1.mlp.down_proj.weight" in err, err
 
 
-def test_reference_does_not_use_the_merge_engine():
-    """The reference is written apart from the engine: it imports neither merge.py nor kernels.py."""
+def test_reference_does_not_use_the_merge_engine(pair, tmp_path, monkeypatch):
+    """The reference is written apart from the engine: verify passes with every kernel of the merge broken, and
+    the reference module imports neither the engine nor its kernels."""
+    import inspect
+
+    import streammerge.kernels as kernels
     import streammerge.reference as reference
+
+    base, adapter = pair
+    run_merge(base, adapter, tmp_path / "m")
+
+    def broken(*args, **kwargs):
+        raise AssertionError("verify called a kernel of the merge engine")
+
+    for name, fn in inspect.getmembers(kernels, inspect.isfunction):
+        if fn.__module__ == kernels.__name__:
+            monkeypatch.setattr(kernels, name, broken)
+    report = verify(base, adapter, tmp_path / "m", sample_blocks=None)
+    assert report.ok, report.problems()
 
     tree = ast.parse(Path(reference.__file__).read_text())
     imported = set()

@@ -17,12 +17,12 @@ from safetensors.torch import save_file
 import streammerge.writer as writer_mod
 from streammerge.checkpoint import DTYPES, TORCH_TO_ST, open_checkpoint, read_header
 from streammerge.errors import OutputError, StreamMergeError
+from streammerge.options import parse_size
 from streammerge.writer import (
     PlannedTensor,
     ShardWriter,
     WriterStateError,
     header_bytes,
-    parse_size,
     plan_shards,
     shard_file_names,
     write_index,

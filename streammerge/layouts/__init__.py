@@ -9,13 +9,11 @@ that both fit but disagree are an error, never a guess.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from .fused import FusedPart, split_parts
+from .derived import FusedPart, derived_layout, transformers_available
 
 Rule = tuple[str, str]
 
@@ -51,6 +49,32 @@ LAYOUTS: dict[str, tuple[Rule, ...]] = {
 MOE_RULES: tuple[Rule, ...] = ((r"\.mlp\.(experts|gate)\.", r".block_sparse_moe.\1."),)
 
 LOADER_CHOICES = ("auto", *LAYOUTS)
+
+# model types whose linear layers are transformers' Conv1D ([in, out] weights, spec §5)
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp", "convbert"})
+# disk names of input embeddings, for tied checkpoints
+INPUT_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "shared.weight")
+
+# MoE experts (spec §12). How a fused expert parameter is stored on disk when the checkpoint keeps experts apart:
+# [(per-expert tensor names, in the order their rows make up the fused parameter)]
+PER_EXPERT = {
+    "gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
+    "down_proj": (("w2",), ("down_proj",)),
+}
+# The order transformers 5 registers expert parameters in (every experts class it ships follows it). Where PEFT
+# nests several wrappers on one module the first parameter in registration order is innermost; checkpoints do not
+# record that order (safetensors stores names sorted), so it only breaks ties the LoRA shapes leave open.
+REGISTRATION_ORDER = ("gate_up_proj", "gate_up_proj_bias", "gate_proj", "up_proj", "down_proj", "down_proj_bias")
+# model types whose fused expert tensors on disk are [E, in, out]: experts built with `is_transposed` (GPT-OSS,
+# Aria) or transposed by transformers on load (qwen3_vl_moe). Shapes tell the orientation unless the experts are
+# square; then these are transposed and every other model has transformers 5's own [E, out, in] layout.
+TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter", "qwen3_vl_moe",
+                                "qwen3_vl_moe_text"})
+
+
+def conv1d_layer(model_type: str, module: str) -> bool:
+    """Whether `module`'s weight is a transformers Conv1D ([in, out]) in a model of `model_type`."""
+    return model_type in CONV1D_MODEL_TYPES and not module.endswith("lm_head")
 
 # PEFT wrapper infixes that reach saved keys. A modules_to_save module whose embedding is also saved as an embedding
 # layer (save_embedding_layers, spec §10.4) keeps its wrapper's submodules in the key: `X.modules_to_save.P` is the
@@ -91,47 +115,6 @@ class Layout:
         for pattern, repl in self.rules:
             module_tensor = re.sub(pattern, repl, module_tensor, count=1)
         return module_tensor
-
-
-def derived_layout(root: Path, disk: Iterable[str]) -> Layout | None:
-    """The base's own disk -> module renames, as transformers applies them when it loads this checkpoint.
-
-    Only used when no built-in layout places every adapter tensor, and only when transformers is importable: the
-    model is built on the meta device (no weights), and each disk name goes through its `WeightRenaming`s.
-    Converters that fuse tensors are left out (adapters address the tensors they produce by the renamed name);
-    converters that split one disk tensor into several module tensors give their row ranges (`Layout.parts`).
-    """
-    try:
-        import torch
-        import transformers
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings
-
-        config = transformers.AutoConfig.from_pretrained(str(root))
-        cls = getattr(transformers, (config.architectures or [""])[0], None)
-        if cls is None:
-            return None
-        with torch.device("meta"):
-            model = cls(config)
-        mapping = get_model_conversion_mapping(model)
-        renamings = [c for c in mapping if isinstance(c, WeightRenaming)]
-        parts = split_parts(model, disk, renamings, [c for c in mapping if isinstance(c, WeightConverter)])
-    except Exception:  # noqa: BLE001 - no transformers, an unknown or custom architecture: the built-ins stand
-        return None
-    names: dict[str, str] = {}
-    for disk_name in disk:
-        module_name = apply_renamings(disk_name, renamings)
-        if module_name in names:  # two disk tensors for one module tensor: not a plain renaming
-            return None
-        names[module_name] = disk_name
-    for module_name, part in parts.items():
-        names.setdefault(module_name, part.disk)
-    return Layout("transformers", (), names, parts or None)
-
-
-def transformers_available() -> bool:
-    """Whether derived_layout can ask transformers at all (it is an optional extra)."""
-    return importlib.util.find_spec("transformers") is not None
 
 
 def candidates(loader: str) -> list[Layout]:
@@ -194,3 +177,4 @@ def choose_layout(
         if not best.missing and not c.missing and placed(c) != placed(best)
     ]
     return best, rivals
+

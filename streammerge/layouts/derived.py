@@ -1,4 +1,7 @@
-"""Module tensors that transformers cuts out of one fused checkpoint tensor when it loads a model.
+"""Layouts only transformers knows: the base's own renamings, and module tensors it cuts out of fused ones.
+
+When no built-in layout places every adapter tensor and transformers is importable (an optional extra), the
+base's model is built on the meta device (no weights) and its conversion mapping is asked.
 
 Some checkpoints store several projections as one tensor (lara_mini's `linear_attn.in_proj` holds the rows of
 `in_proj_qkv`, `in_proj_z`, `in_proj_b` and `in_proj_a`); transformers splits it on load with a `WeightConverter`
@@ -9,9 +12,14 @@ come from the converter itself, evaluated against the model built on the meta de
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from . import Layout
 
 
 @dataclass(frozen=True)
@@ -74,3 +82,48 @@ def _row_sizes(model: Any, targets: list[str], ops: list, shape: tuple[int, ...]
     else:
         return None
     return sizes if sum(sizes) == rows else None
+
+
+def derived_layout(root: Path, disk: Iterable[str]) -> Layout | None:
+    """The base's own disk -> module renames, as transformers applies them when it loads this checkpoint.
+
+    Only used when no built-in layout places every adapter tensor, and only when transformers is importable: the
+    model is built on the meta device (no weights), and each disk name goes through its `WeightRenaming`s.
+    Converters that fuse tensors are left out (adapters address the tensors they produce by the renamed name);
+    converters that split one disk tensor into several module tensors give their row ranges (`Layout.parts`).
+    """
+    try:
+        import torch
+        import transformers
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings
+
+        config = transformers.AutoConfig.from_pretrained(str(root))
+        cls = getattr(transformers, (config.architectures or [""])[0], None)
+        if cls is None:
+            return None
+        with torch.device("meta"):
+            model = cls(config)
+        mapping = get_model_conversion_mapping(model)
+        renamings = [c for c in mapping if isinstance(c, WeightRenaming)]
+        parts = split_parts(model, disk, renamings, [c for c in mapping if isinstance(c, WeightConverter)])
+    except Exception:  # noqa: BLE001 - no transformers, an unknown or custom architecture: the built-ins stand
+        return None
+    names: dict[str, str] = {}
+    for disk_name in disk:
+        module_name = apply_renamings(disk_name, renamings)
+        if module_name in names:  # two disk tensors for one module tensor: not a plain renaming
+            return None
+        names[module_name] = disk_name
+    for module_name, part in parts.items():
+        names.setdefault(module_name, part.disk)
+    from . import Layout
+
+    return Layout("transformers", (), names, parts or None)
+
+
+def transformers_available() -> bool:
+    """Whether derived_layout can ask transformers at all (it is an optional extra)."""
+    return importlib.util.find_spec("transformers") is not None
+
+
