@@ -7,9 +7,11 @@ execute code.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
+import time
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -73,15 +75,27 @@ class AdapterConfig:
     trainable_token_indices: Any
     target_parameters: tuple[str, ...]
     feedforward_modules: Any = None
+    # seconds each slow-to-match pattern key has used so far (bounded by PATTERN_SECONDS)
+    _pattern_seconds: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
 
     def resolve_r(self, name: str) -> int:
         """r for a module name with PEFT >= 0.15's pattern rule (first key in file order wins)."""
-        key = pattern_key(self.rank_pattern, name)
+        key = self._pattern_key("rank_pattern", self.rank_pattern, name)
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def resolve_alpha(self, name: str) -> float:
-        key = pattern_key(self.alpha_pattern, name)
+        key = self._pattern_key("alpha_pattern", self.alpha_pattern, name)
         return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
+
+    def _pattern_key(self, field_name: str, patterns: dict[str, Any], name: str) -> str | None:
+        try:
+            return pattern_key(patterns, name, self._pattern_seconds)
+        except PatternTimeout as e:
+            raise AdapterError(
+                f"{self.path}: {field_name} key {e.key!r} cannot be matched against module {name} in "
+                f"{PATTERN_SECONDS:g} s: the regex backtracks catastrophically (PEFT would hang on it too); "
+                "rewrite it without nested or repeated alternatives, e.g. list the module names"
+            ) from None
 
     def scaling(self, name: str, r: int) -> float:
         """PEFT's `s`: alpha/r, or alpha/sqrt(r) with rsLoRA, alpha resolved per module."""
@@ -89,12 +103,92 @@ class AdapterConfig:
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
-def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
-    """The first pattern key matching `name` as PEFT >= 0.15 does (`(.*\\.)?(key)$`), or None."""
+# matching time one rank/alpha_pattern key may use over a whole plan before the adapter is refused
+PATTERN_SECONDS = 2.0
+
+
+class PatternTimeout(Exception):
+    """A pattern key could not be matched in the time allowed."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def pattern_key(patterns: dict[str, Any], name: str, spent: dict[str, float] | None = None) -> str | None:
+    """The first pattern key matching `name` as PEFT >= 0.15 does (`(.*\\.)?(key)$`), or None.
+
+    Keys whose matching time can explode (catastrophic backtracking) are matched with the `regex` module, which
+    reads them the same way but can stop: each such key gets PATTERN_SECONDS in all (tracked in `spent`), after
+    which PatternTimeout is raised instead of hanging.
+    """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
+        full = rf"(.*\.)?({key})$"
+        if not _may_backtrack(key):
+            if re.match(full, name):
+                return key
+            continue
+        import regex
+
+        spent = {} if spent is None else spent
+        started = time.perf_counter()
+        try:
+            if regex.match(full, name, timeout=max(PATTERN_SECONDS - spent.get(key, 0.0), 1e-3)):
+                return key
+        except TimeoutError:
+            raise PatternTimeout(key) from None
+        finally:
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - started
     return None
+
+
+try:  # the parser of the re module (sre_parse before Python 3.11)
+    from re import _parser as _sre_parse
+except ImportError:  # pragma: no cover
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
+_REPEATS = ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
+
+
+@functools.lru_cache(maxsize=256)
+def _may_backtrack(key: str) -> bool:
+    """True for regexes whose matching time can grow exponentially or as a high power of the name's length: a
+    repeat inside a repeat, alternatives inside a repeat, back-references, or two unbounded repeats."""
+    try:
+        tree = _sre_parse.parse(key)
+    except Exception:  # noqa: BLE001 - let the matcher report it
+        return True
+    unbounded = 0
+
+    def risky(items, repeated: bool) -> bool:
+        nonlocal unbounded
+        for op, av in items:
+            kind = str(op)
+            if kind in _REPEATS:
+                _lo, hi, sub = av
+                many = hi > 1
+                if many and repeated:
+                    return True
+                unbounded += hi == _sre_parse.MAXREPEAT
+                if risky(sub, repeated or many):
+                    return True
+            elif kind == "BRANCH":
+                if repeated or any(risky(alt, repeated) for alt in av[1]):
+                    return True
+            elif kind == "SUBPATTERN":
+                if risky(av[-1], repeated):
+                    return True
+            elif kind in ("ASSERT", "ASSERT_NOT"):
+                if risky(av[1], repeated):
+                    return True
+            elif kind == "ATOMIC_GROUP":
+                if risky(av, repeated):
+                    return True
+            elif kind in ("GROUPREF", "GROUPREF_EXISTS"):
+                return True
+        return False
+
+    return risky(tree, False) or unbounded >= 2
 
 
 @dataclass
@@ -120,7 +214,19 @@ class Adapter:
         return self._reader.tensor(self._infos[key])
 
     def get_f32(self, key: str) -> torch.Tensor:
-        return self.get(key).to(torch.float32)
+        if key in self._loaded:
+            return self._loaded[key].to(torch.float32)
+        # read, not mapped: a file changed during the merge is then an error, not a SIGBUS
+        return self.read_rows(key, 0, self._infos[key].rows).to(torch.float32)
+
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of tensor `key`, read into `out` when given (see TensorReader.read_rows)."""
+        if key in self._loaded:
+            t = self._loaded[key]
+            return t[start:stop] if t.dim() else t
+        if self._reader is None:
+            self._reader = TensorReader()
+        return self._reader.read_rows(self._infos[key], start, stop, out)
 
     def factor(self, key: str) -> torch.Tensor:
         """`key` as float32, checked once for NaN/Inf.
@@ -158,6 +264,9 @@ def load_adapter_config(root: Path) -> AdapterConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"{path}: not valid JSON ({e}); re-save or re-download the adapter") from e
+    except RecursionError:
+        raise AdapterError(f"{path}: JSON nested too deeply to be an adapter config; re-save or re-download the "
+                           "adapter") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{path}: expected a JSON object; re-save or re-download the adapter")
 
@@ -204,6 +313,9 @@ def load_adapter_config(root: Path) -> AdapterConfig:
                 raise AdapterError(f"{path}: {pname} key {key!r} is not a valid regex ({e})") from e
     modules_to_save = raw.get("modules_to_save") or ()
     target_parameters = raw.get("target_parameters") or ()
+    if not isinstance(target_parameters, (list, tuple)) or not all(isinstance(t, str) for t in target_parameters):
+        raise AdapterError(f"{path}: field 'target_parameters' has value {target_parameters!r}; expected a list of "
+                           "parameter names; fix adapter_config.json")
     return AdapterConfig(
         path=path,
         raw=raw,
