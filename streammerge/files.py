@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +49,30 @@ def side_files(base_root: Path, adapter_root: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for path in sorted(base_root.rglob("*")):
         rel = path.relative_to(base_root).as_posix()
-        if path.is_file() and not _skipped(rel) and not _is_weight(rel):
-            files[rel] = _inside_or_refuse(path, base_root)
+        if not _skipped(rel) and not _is_weight(rel) and not path.is_dir():
+            files[rel] = _inside_or_refuse(_regular_or_refuse(path), base_root)
     for path in sorted(adapter_root.iterdir()):
-        if path.is_file() and is_tokenizer_file(path.name):
-            files[path.name] = _inside_or_refuse(path, adapter_root)
+        if is_tokenizer_file(path.name) and not path.is_dir():
+            files[path.name] = _inside_or_refuse(_regular_or_refuse(path), adapter_root)
     return files
+
+
+def _regular_or_refuse(path: Path) -> Path:
+    """A file the output needs must be a regular file: a FIFO, socket, device or broken link left out silently
+    would give an output without it (and reading a FIFO blocks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        kind = "a broken symbolic link"
+    except OSError as e:
+        kind = f"unreadable ({e.strerror})"
+    else:
+        if stat.S_ISREG(mode):
+            return path
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    raise CheckpointError(f"{path}: is {kind}, not a regular file, so it cannot be copied into the merged model; "
+                          "replace it with the real file or remove it")
 
 
 def _inside_or_refuse(path: Path, root: Path) -> Path:

@@ -1,12 +1,14 @@
 """`streammerge verify`: recompute the merge from base + adapter and compare it with a merged output.
 
 Every tensor is compared bit by bit in units in the last place of its dtype (all rows by default, or a sample
-of row blocks per tensor for speed); missing and extra tensors and the config are checked too. It reads the
-merged output through the same strict header reader, so a damaged header is caught as well as a flipped byte.
+of row blocks per tensor for speed); missing and extra tensors, the config, each shard's `__metadata__` and the
+copied side files (tokenizer, chat template, generation config...) are checked too. It reads the merged output
+through the same strict header reader, so a damaged header is caught as well as a flipped byte.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
 import random
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .adapter import load_adapter
-from .checkpoint import TensorReader, open_checkpoint
+from .checkpoint import Checkpoint, TensorReader, open_checkpoint, read_header
 from .errors import CheckpointError, MissingFileError, VerifyError
 from .files import DTYPE_NAMES, output_config, side_files
 from .hub import resolve
@@ -154,6 +156,8 @@ def verify(
         report.config_problems = _check_config(base_dir, merged_dir, plan.config_updates, out_dtypes)
         missing_files = [f for f in side_files(base_dir, adapter_dir) if not (merged_dir / f).exists()]
         report.config_problems += [f"file {f} was not copied" for f in missing_files]
+        report.config_problems += _check_metadata(out)
+        report.config_problems += _check_side_files(side_files(base_dir, adapter_dir), merged_dir)
     finally:
         lora.close()
     return report
@@ -168,6 +172,28 @@ def _sampler(rows: int, sample_blocks: int | None, rng: random.Random) -> Callab
         return r0 == 0 or r1 == rows or rng.random() < sample_blocks / blocks
 
     return chosen
+
+
+def _check_metadata(out: Checkpoint) -> list[str]:
+    """Every merged shard carries the `__metadata__` the merge writes (transformers checks `format`)."""
+    from .writer import DEFAULT_METADATA
+
+    problems = []
+    for path in out.files:
+        _, metadata = read_header(path)
+        if metadata != dict(DEFAULT_METADATA):
+            problems.append(f"{path.name}: __metadata__ is {metadata}, the merge writes {dict(DEFAULT_METADATA)}")
+    return problems
+
+
+def _check_side_files(files: dict[str, Path], merged_dir: Path) -> list[str]:
+    """The copied files (tokenizer, templates, generation config...) are byte for byte their sources."""
+    problems = []
+    for rel, src in files.items():
+        dst = merged_dir / rel
+        if rel != "config.json" and dst.is_file() and not filecmp.cmp(src, dst, shallow=False):
+            problems.append(f"file {rel} differs from {src}")
+    return problems
 
 
 def _check_config(base_dir: Path, merged_dir: Path, updates: dict, out_dtypes: set[str]) -> list[str]:
