@@ -17,7 +17,7 @@ import torch
 from . import kernels
 from .adapter import Adapter, load_adapter
 from .checkpoint import DTYPES, TensorReader, open_checkpoint
-from .errors import NumericError
+from .errors import CheckpointError, NumericError
 from .files import DTYPE_NAMES, copy_side_files, side_files, write_config
 from .hub import resolve
 from .memory import MemoryMonitor, fmt_bytes
@@ -220,8 +220,12 @@ def _emit(t: OutTensor, writer: ShardWriter, reader: TensorReader, lora: Adapter
         info = t.base
 
         def copy() -> None:
-            with reader.opened(info.path, info.stamp) as fd:
-                writer.copy_from(t.name, fd, info.offset, info.nbytes)
+            try:
+                with reader.opened(info.path, info.stamp) as fd:
+                    writer.copy_from(t.name, fd, info.offset, info.nbytes)
+            except CheckpointError:
+                reader.check(info)  # a source that ended early: name the file that changed
+                raise
             reader.check(info)  # a file rewritten in place during the copy has a new mtime
             reader.release(info)
 

@@ -64,8 +64,11 @@ def resolve_output(output: str | os.PathLike) -> Path:
         raise OutputError(f"{text}: --output is the root folder; {never}")
     if real in _home_folders(real):
         raise OutputError(f"{text}: --output is a home folder ({real}); {never}")
-    cwd = Path.cwd().resolve()
-    if real == cwd or real in cwd.parents:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current directory was deleted: nothing can contain it
+        cwd = None
+    if cwd is not None and (real == cwd or real in cwd.parents):
         raise OutputError(f"{text}: --output {real} holds the current directory; {never}")
     if real.is_dir() and os.path.ismount(real):
         raise OutputError(f"{text}: --output {real} is a mount point: the merge is built beside it and renamed into "
@@ -74,7 +77,11 @@ def resolve_output(output: str | os.PathLike) -> Path:
 
 
 def _home_folders(real: Path) -> set[Path]:
-    homes = {Path.home().resolve()}
+    homes = set()
+    try:
+        homes.add(Path.home().resolve())
+    except (RuntimeError, OSError):  # no HOME and no password entry
+        pass
     if os.environ.get("HOME"):
         homes.add(Path(os.environ["HOME"]).resolve())
     try:
