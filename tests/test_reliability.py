@@ -835,7 +835,7 @@ def test_slow_pattern_keeps_peft_matching(small, tmp_path):
     import streammerge
     from safetensors.torch import load_file
 
-    from streammerge.adapter import _may_backtrack
+    from streammerge.patterns import _may_backtrack
 
     outs = {}
     for key in (r"(\w+\.)+q_proj", "q_proj"):
