@@ -8,6 +8,7 @@ truncated during the merge), re-checking each file's size and mtime against thos
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
@@ -453,6 +454,11 @@ class TensorReader:
         self._pins: dict[Path, int] = {}
         self._maps: OrderedDict[Path, mmap.mmap] = OrderedDict()
         self._buffer = torch.empty(0, dtype=torch.uint8)
+        # next_rows: two buffers (the block handed out, the block being read ahead) and the helper thread
+        self._pair = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        self._slot = 0
+        self._ahead: tuple[tuple, concurrent.futures.Future, int] | None = None
+        self._helper: concurrent.futures.ThreadPoolExecutor | None = None
 
     def buffer(self, nbytes: int) -> torch.Tensor:
         """A byte buffer of at least `nbytes` for `read_rows`, the same one each call (grown when needed): one
@@ -577,6 +583,39 @@ class TensorReader:
                 self._check(fd, info.path, info.stamp)
         return buf.view(info.torch_dtype).view(shape)
 
+    def next_rows(self, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) as `read_rows` gives them, in one of two buffers of the reader's own, while the
+        block after them (same tensor, same size) is read on a helper thread: a tensor read block by block waits
+        for the copy out of the page cache only for its first block. The result is valid until the next call."""
+        ahead, self._ahead = self._ahead, None
+        rows = None
+        if ahead is not None:
+            key, future, slot = ahead
+            if key == (info.path, info.offset, start, stop):
+                rows, self._slot = future.result(), slot  # raises what the helper met (a changed file)
+                self.check(info)  # and the file may have changed since the helper read it
+            else:
+                concurrent.futures.wait([future])  # its buffer is about to be reused; its outcome does not matter
+        if rows is None:
+            self._slot = 1 - self._slot
+            rows = self.read_rows(info, start, stop, self._pair_buffer(self._slot, info, start, stop))
+        after = min(info.rows, 2 * stop - start)
+        if start < stop < after:
+            slot = 1 - self._slot
+            out = self._pair_buffer(slot, info, stop, after)
+            if self._helper is None:
+                self._helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="streammerge-read")
+            future = self._helper.submit(self.read_rows, info, stop, after, out)
+            self._ahead = ((info.path, info.offset, stop, after), future, slot)
+        return rows
+
+    def _pair_buffer(self, slot: int, info: TensorInfo, start: int, stop: int) -> torch.Tensor:
+        nbytes = self._span(info, start, stop)[1]
+        if self._pair[slot].numel() < nbytes:
+            self._pair[slot] = torch.empty(0, dtype=torch.uint8)  # let the old one go first
+            self._pair[slot] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._pair[slot]
+
     def _map(self, info: TensorInfo) -> mmap.mmap:
         with self._lock:
             mm = self._maps.get(info.path)
@@ -672,6 +711,12 @@ class TensorReader:
         memory that live views still point to (a segfault on next access). Dropping our reference unmaps each file
         as soon as its last view is gone.
         """
+        ahead, self._ahead = self._ahead, None
+        if self._helper is not None:
+            if ahead is not None:
+                concurrent.futures.wait([ahead[1]])  # a read in flight still holds its fd
+            self._helper.shutdown(wait=False)
+            self._helper = None
         with self._lock:
             self._maps.clear()
             fds, self._fds = self._fds, OrderedDict()

@@ -270,12 +270,11 @@ def merged_rows(
     cols = math.prod(t.shape[1:]) if t.shape else 1
     out_dtype = DTYPES[t.dtype]
     itemsize = torch.empty((), dtype=out_dtype).element_size()
-    # source rows are read (pread) into one buffer reused by every block of this tensor
-    src_itemsize = torch.empty((), dtype=lora.dtypes[t.replacement] if t.replacement is not None
-                               else t.base.torch_dtype).element_size()
-    src_buf = reader.buffer(min(rows, _block_rows(block_bytes, cols)) * cols * src_itemsize)
+    # source rows are read (pread, never mapped: a file truncated meanwhile is an error, not SIGBUS) into
+    # buffers reused by every block; the base's next block is read ahead while this one is computed
     if t.replacement is not None:
         key = t.replacement
+        src_buf = reader.buffer(min(rows, _block_rows(block_bytes, cols)) * cols * lora.dtypes[key].itemsize)
 
         def source(r0: int, r1: int) -> torch.Tensor:
             return lora.read_rows(key, r0, r1, src_buf).reshape(r1 - r0, cols)
@@ -283,7 +282,7 @@ def merged_rows(
         info = t.base
 
         def source(r0: int, r1: int) -> torch.Tensor:
-            return reader.read_rows(info, r0, r1, src_buf).reshape(r1 - r0, cols)
+            return reader.next_rows(info, r0, r1).reshape(r1 - r0, cols)
 
     ops = [_Prepared(op, lora) for op in t.ops]
     step = _block_rows(block_bytes, cols)

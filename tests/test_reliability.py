@@ -465,6 +465,28 @@ def test_reader_reports_a_changed_file_instead_of_faulting(tmp_path):
             reader.read_rows(info, 0, info.rows, buf)
 
 
+def test_next_rows_reads_ahead_and_reports_changes(tmp_path):
+    """The engine's reads: block after block with the next one read ahead on a helper thread; any order still
+    gives the right rows, and a file truncated while the helper reads is the same CheckpointError."""
+    from streammerge.checkpoint import TensorReader, open_checkpoint
+
+    base = ht.make_base(tmp_path / "base", hidden=64, inter=128, vocab=256)
+    want = ht.base_tensors(hidden=64, inter=128, vocab=256)
+    ckpt = open_checkpoint(base)
+    with TensorReader() as reader:
+        for name, info in ckpt.tensors.items():
+            for a in range(0, info.rows, 24):
+                b = min(info.rows, a + 24)
+                assert torch.equal(reader.next_rows(info, a, b), want[name][a:b]), (name, a)
+        info = ckpt.tensors["lm_head.weight"]
+        for a, b in [(40, 50), (0, 10), (10, 20), (200, 256), (20, 30)]:  # out of order: no stale block
+            assert torch.equal(reader.next_rows(info, a, b), want["lm_head.weight"][a:b])
+        reader.next_rows(info, 0, 100)  # rows 100..200 are being read ahead
+        os.truncate(info.path, info.offset + 100 * info.row_nbytes)
+        with pytest.raises(CheckpointError, match="changed after its header"):
+            reader.next_rows(info, 100, 200)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 5. an interrupt after the --overwrite swap tells the truth
 
