@@ -714,7 +714,7 @@ class TensorReader:
         ahead, self._ahead = self._ahead, None
         if self._helper is not None:
             if ahead is not None:
-                concurrent.futures.wait([ahead[1]])  # a read in flight still holds its fd
+                concurrent.futures.wait([ahead[1]], timeout=1.0)  # a read in flight still holds its fd
             self._helper.shutdown(wait=False)
             self._helper = None
         with self._lock:

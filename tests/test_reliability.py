@@ -404,7 +404,7 @@ def test_many_interrupts_at_varied_moments(mid, tmp_path):
     base, adapter = mid
     out = tmp_path / "merged"
     moments = ["line:Base", "line:[1/3]", "line:[2/3]", "staging", "shards:1", "shards:3", "shards:6",
-               "after:0.1", "after:0.4", "after:0.8"]
+               "after:0.05", "after:0.15", "after:0.3"]
     runs = [_interrupt_once(base, adapter, out, m) for m in moments]
     runs.append(_interrupt_once(base, adapter, out, "shards:2", signal.SIGTERM))
     runs.append(_interrupt_once(base, adapter, out, "shards:2", twice=True))
