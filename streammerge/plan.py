@@ -286,6 +286,9 @@ def read_base_config(root: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"{path}: base config.json is not valid JSON ({e}); re-download the base") from e
+    except RecursionError:
+        raise AdapterError(f"{path}: base config.json is nested too deeply to be a model config; re-download the "
+                           "base") from None
     return data if isinstance(data, dict) else {}
 
 
