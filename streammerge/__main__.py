@@ -1,5 +1,9 @@
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except KeyboardInterrupt:  # Ctrl-C while Python starts up: one line, no traceback
+    sys.stderr.write("error: interrupted; nothing was written to --output\n")
+    sys.exit(130)
 
 sys.exit(main())

@@ -21,6 +21,7 @@ import torch
 from .checkpoint import TensorInfo, TensorReader, read_header
 from .errors import AdapterError, MissingFileError, NumericError, UnsupportedError
 from .kernels import nonfinite_count
+from .patterns import PATTERN_SECONDS, PatternTimeout, pattern_key
 from .tuners import TUNERS
 
 CONFIG_NAME = "adapter_config.json"
@@ -66,28 +67,32 @@ class AdapterConfig:
     trainable_token_indices: Any
     target_parameters: tuple[str, ...]
     feedforward_modules: Any = None
+    # seconds each slow-to-match pattern key has used so far (bounded by PATTERN_SECONDS)
+    _pattern_seconds: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
 
     def resolve_r(self, name: str) -> int:
         """r for a module name with PEFT >= 0.15's pattern rule (first key in file order wins)."""
-        key = pattern_key(self.rank_pattern, name)
+        key = self._pattern_key("rank_pattern", self.rank_pattern, name)
         return int(self.rank_pattern[key]) if key is not None else self.r
 
     def resolve_alpha(self, name: str) -> float:
-        key = pattern_key(self.alpha_pattern, name)
+        key = self._pattern_key("alpha_pattern", self.alpha_pattern, name)
         return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
+
+    def _pattern_key(self, field_name: str, patterns: dict[str, Any], name: str) -> str | None:
+        try:
+            return pattern_key(patterns, name, self._pattern_seconds)
+        except PatternTimeout as e:
+            raise AdapterError(
+                f"{self.path}: {field_name} key {e.key!r} cannot be matched against module {name} in "
+                f"{PATTERN_SECONDS:g} s: the regex backtracks catastrophically (PEFT would hang on it too); "
+                "rewrite it without nested or repeated alternatives, e.g. list the module names"
+            ) from None
 
     def scaling(self, name: str, r: int) -> float:
         """PEFT's `s`: alpha/r, or alpha/sqrt(r) with rsLoRA, alpha resolved per module."""
         alpha = self.resolve_alpha(name)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-
-def pattern_key(patterns: dict[str, Any], name: str) -> str | None:
-    """The first pattern key matching `name` as PEFT >= 0.15 does (`(.*\\.)?(key)$`), or None."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return None
 
 
 @dataclass
@@ -113,7 +118,19 @@ class Adapter:
         return self._reader.tensor(self._infos[key])
 
     def get_f32(self, key: str) -> torch.Tensor:
-        return self.get(key).to(torch.float32)
+        if key in self._loaded:
+            return self._loaded[key].to(torch.float32)
+        # read, not mapped: a file changed during the merge is then an error, not a SIGBUS
+        return self.read_rows(key, 0, self._infos[key].rows).to(torch.float32)
+
+    def read_rows(self, key: str, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows [start, stop) of tensor `key`, read into `out` when given (see TensorReader.read_rows)."""
+        if key in self._loaded:
+            t = self._loaded[key]
+            return t[start:stop] if t.dim() else t
+        if self._reader is None:
+            self._reader = TensorReader()
+        return self._reader.read_rows(self._infos[key], start, stop, out)
 
     def factor(self, key: str) -> torch.Tensor:
         """`key` as float32, checked once for NaN/Inf.
@@ -151,6 +168,9 @@ def load_adapter_config(root: Path) -> AdapterConfig:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"{path}: not valid JSON ({e}); re-save or re-download the adapter") from e
+    except RecursionError:
+        raise AdapterError(f"{path}: JSON nested too deeply to be an adapter config; re-save or re-download the "
+                           "adapter") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{path}: expected a JSON object; re-save or re-download the adapter")
 
@@ -199,6 +219,9 @@ def load_adapter_config(root: Path) -> AdapterConfig:
                 raise AdapterError(f"{path}: {pname} key {key!r} is not a valid regex ({e})") from e
     modules_to_save = raw.get("modules_to_save") or ()
     target_parameters = raw.get("target_parameters") or ()
+    if not isinstance(target_parameters, (list, tuple)) or not all(isinstance(t, str) for t in target_parameters):
+        raise AdapterError(f"{path}: field 'target_parameters' has value {target_parameters!r}; expected a list of "
+                           "parameter names; fix adapter_config.json")
     return AdapterConfig(
         path=path,
         raw=raw,

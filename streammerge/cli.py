@@ -7,11 +7,12 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
 
-from .errors import StreamMergeError, one_line
+from .errors import Interrupted, StreamMergeError, one_line
 from .layouts import LOADER_CHOICES
 
 EPILOG = """examples:
@@ -109,18 +110,25 @@ def build_verify_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["verify"]:
-        vparser = build_verify_parser()
-        vargs = vparser.parse_args(argv[1:])
-        _check_sizes(vparser, {"--max-memory": vargs.max_memory})
-        vtoken = vargs.hf_token or os.environ.get("HF_TOKEN") or None
-        return _run(lambda: _verify(vargs, vtoken), vtoken)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    token = args.hf_token or os.environ.get("HF_TOKEN") or None
-    _check_sizes(parser, {"--max-shard-size": args.max_shard_size, "--max-memory": args.max_memory})
-    return _run(lambda: _merge(args, token), token)
+    """The command line; returns the exit code. Called without `argv` it is the process itself: an interrupt
+    after the work is done then no longer changes the outcome."""
+    process = argv is None
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["verify"]:
+            vparser = build_verify_parser()
+            vargs = vparser.parse_args(argv[1:])
+            _check_sizes(vparser, {"--max-memory": vargs.max_memory})
+            vtoken = vargs.hf_token or os.environ.get("HF_TOKEN") or None
+            return _run(lambda: _verify(vargs, vtoken), vtoken, process, "interrupted; nothing was verified")
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        token = args.hf_token or os.environ.get("HF_TOKEN") or None
+        _check_sizes(parser, {"--max-shard-size": args.max_shard_size, "--max-memory": args.max_memory})
+        return _run(lambda: _merge(args, token), token, process)
+    except KeyboardInterrupt:  # before the handlers of _run were in place (start-up)
+        _say_error("error: interrupted; nothing was written to --output")
+        return 130
 
 
 def _check_sizes(parser: argparse.ArgumentParser, flags: dict[str, str | None]) -> None:
@@ -135,13 +143,39 @@ def _check_sizes(parser: argparse.ArgumentParser, flags: dict[str, str | None]) 
                 parser.error(f"argument {flag}: {e}")
 
 
+def _write_line(stream, text: str) -> None:
+    """One line on `stream`; characters its encoding cannot show (PYTHONIOENCODING=ascii, a C locale) are
+    escaped instead of failing the whole command."""
+    try:
+        stream.write(text + "\n")
+    except UnicodeEncodeError:
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        stream.write(text.encode(encoding, "backslashreplace").decode(encoding) + "\n")
+    stream.flush()
+
+
+def _can_show(stream, text: str) -> bool:
+    try:
+        text.encode(getattr(stream, "encoding", None) or "ascii")
+    except (UnicodeEncodeError, LookupError):
+        return False
+    return True
+
+
+def _say_error(text: str) -> None:
+    _write_line(sys.stderr, text)
+
+
 def _printer(token: str | None) -> Callable[[str], None]:
     """print() for stdout that never shows the token (it could hide in a repo id or a path)."""
 
     def say(text: str = "") -> None:
-        print(text.replace(token, "***") if token else text, flush=True)
+        _write_line(sys.stdout, text.replace(token, "***") if token else text)
 
     return say
+
+
+DONE_MARK = "\u2705 "  # the check mark scripts look for in front of "Done. Merged model: <dir>"
 
 
 def _merge(args: argparse.Namespace, token: str | None) -> int:
@@ -159,7 +193,6 @@ def _merge(args: argparse.Namespace, token: str | None) -> int:
     print(f"Adapter : {args.adapter}")
     print(f"Output  : {args.output}")
     print(f"Dtype   : {args.dtype}")
-    print(f"Loader  : {args.loader}")
     print(f"RAM     : {vm.available / 1e9:.1f} GB free / {vm.total / 1e9:.1f} GB total")
     summary = merge(
         args.base, args.adapter, args.output, dtype=args.dtype, loader=args.loader,
@@ -167,19 +200,30 @@ def _merge(args: argparse.Namespace, token: str | None) -> int:
         progress=not args.no_progress and sys.stderr.isatty(), max_memory=args.max_memory,
         clamp_f16=args.clamp_f16, log=print,
     )
-    if args.dry_run:
-        print(f"Dry run: {summary.tensors_merged} tensors would be merged, {summary.tensors_copied} copied, "
-              f"into {len(summary.shards)} shard(s); nothing written.")
-    else:
-        print(f"Done. Merged model: {summary.output}")
-    print(f"Elapsed: {summary.seconds:.1f} s | Peak memory: {fmt_bytes(summary.peak_memory)} (anonymous)")
-    if args.verify and not args.dry_run:
-        from .verify import verify
+    try:
+        print(f"Loader  : {args.loader} -> {summary.layout}" if args.loader == "auto" else f"Loader  : {args.loader}")
+        print(f"Elapsed: {summary.seconds:.1f} s | Peak memory: {fmt_bytes(summary.peak_memory)} (anonymous)")
+        if args.dry_run:
+            print(f"Dry run: {summary.tensors_merged} tensors would be merged, {summary.tensors_copied} copied, "
+                  f"into {len(summary.shards)} shard(s); nothing written.")
+            return 0
+        if args.verify:
+            from .verify import verify
 
-        print("Verify: checking sampled rows of every tensor against the float64 reference")
-        return _report(verify(args.base, args.adapter, args.output, loader=args.loader, dtype=args.dtype,
-                              hf_token=token, log=print, max_memory=args.max_memory), print)
-    return 0
+            print("Verify: checking sampled rows of every tensor against the float64 reference")
+            _report(verify(args.base, args.adapter, summary.output, loader=args.loader, dtype=args.dtype,
+                           hf_token=token, log=print, max_memory=args.max_memory), print)
+        # the last line, exactly as scripts that drive qlora-merge-style CLIs expect it
+        mark = DONE_MARK if _can_show(sys.stdout, DONE_MARK) else ""
+        print(f"{mark}Done. Merged model: {summary.output}")
+        _finished.set()  # from here on a signal changes nothing: the command succeeded
+        return 0
+    except KeyboardInterrupt:
+        if args.dry_run:
+            raise Interrupted("interrupted; nothing was written to --output (dry run)") from None
+        unverified = "; it was not verified" if args.verify else ""
+        raise Interrupted(f"interrupted after the merge was complete: {summary.output} holds the new merged "
+                          f"model{unverified}") from None
 
 
 def _verify(args: argparse.Namespace, token: str | None) -> int:
@@ -231,14 +275,23 @@ class _RedactToken(logging.Filter):
         return True
 
 
-def _terminate(signum, frame):  # noqa: ARG001
-    # SIGTERM unwinds like Ctrl-C, so the staging directory and the lock are cleaned up on the way out
+_finished = threading.Event()  # the command's work is complete (set by the action, cleared by _run)
+
+
+def _interrupt(signum, frame):  # noqa: ARG001
+    # SIGTERM unwinds like Ctrl-C, so the staging directory and the lock are cleaned up on the way out. Only
+    # the first signal interrupts: more Ctrl-Cs while cleaning up must not cut the cleanup short.
+    if _finished.is_set():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
-def _run(action, token: str | None) -> int:
+def _run(action, token: str | None, process: bool = False,
+         interrupted: str = "interrupted; nothing was written to --output") -> int:
     def show_warning(message, category, filename, lineno, file=None, line=None):
-        print(f"warning: {_clean(str(message), token)}", file=sys.stderr)
+        _say_error(f"warning: {_clean(str(message), token)}")
 
     saved_warning = warnings.showwarning
     warnings.showwarning = show_warning
@@ -247,38 +300,41 @@ def _run(action, token: str | None) -> int:
     if log_filter is not None:
         for lg in loggers:
             lg.addFilter(log_filter)
-    saved_term = None
+    saved: dict[int, object] = {}
+    _finished.clear()
     try:
-        saved_term = signal.signal(signal.SIGTERM, _terminate)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            saved[sig] = signal.signal(sig, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
         pass
+    code = 1
     try:
-        return action()
+        code = action()
     except StreamMergeError as e:
-        print(f"error: {_clean(str(e), token)}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written to --output (its staging directory was removed)",
-              file=sys.stderr)
-        return 130
+        _say_error(f"error: {_clean(str(e), token)}")
+        code = e.exit_code
+    except KeyboardInterrupt as e:
+        _say_error(f"error: {_clean(str(e), token) if isinstance(e, Interrupted) else interrupted}")
+        code = 130
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        print(f"error: {_clean(where + (e.strerror or str(e)), token)}; check the disk and the paths given",
-              file=sys.stderr)
-        return 6
+        _say_error(f"error: {_clean(where + (e.strerror or str(e)), token)}; check the disk and the paths given")
+        code = 6
     except Exception as e:  # noqa: BLE001 - a bug: one line, traceback only on request
         if os.environ.get("STREAMMERGE_DEBUG"):
             raise
-        print(f"error: internal error {type(e).__name__}: {_clean(str(e), token)} (a streammerge bug: please report "
-              "it; set STREAMMERGE_DEBUG=1 for the traceback)", file=sys.stderr)
-        return 1
+        _say_error(f"error: internal error {type(e).__name__}: {_clean(str(e), token)} (a streammerge bug: please "
+                   "report it; set STREAMMERGE_DEBUG=1 for the traceback)")
+        code = 1
     finally:
         warnings.showwarning = saved_warning
-        if saved_term is not None:
-            signal.signal(signal.SIGTERM, saved_term)
+        for sig, handler in saved.items():
+            # a process whose work is done ignores late signals: its exit code already tells the truth
+            signal.signal(sig, signal.SIG_IGN if process else handler)
         if log_filter is not None:
             for lg in loggers:
                 lg.removeFilter(log_filter)
+    return code
 
 
 def _clean(text: str, token: str | None) -> str:

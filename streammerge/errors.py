@@ -74,6 +74,15 @@ class VerifyError(StreamMergeError, AssertionError):
     exit_code = 9
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, with what the interrupt left at --output (the CLI prints it and exits 130).
+
+    A KeyboardInterrupt, not a StreamMergeError: `except Exception` must never swallow an interrupt.
+    """
+
+    exit_code = 130
+
+
 def one_line(message: str) -> str:
     """Fold a message to one line for stderr (multi-problem messages join with '; ')."""
     parts = [p.strip() for p in str(message).splitlines() if p.strip()]

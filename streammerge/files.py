@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +78,7 @@ def side_files(base_root: Path, adapter_root: Path) -> dict[str, Path]:
     A file that is a symlink out of its folder (other than into a Hugging Face cache's blobs/) is refused like a
     shard that points outside the model folder: a crafted repo must not get e.g. ~/.ssh copied into the output.
     """
+    _refuse_special_files(base_root, adapter_root)
     files: dict[str, Path] = {}
     for path in sorted(base_root.rglob("*")):
         rel = path.relative_to(base_root).as_posix()
@@ -90,6 +93,28 @@ def side_files(base_root: Path, adapter_root: Path) -> dict[str, Path]:
     for path in ours:
         files[path.name] = _inside_or_refuse(path, adapter_root)
     return files
+
+
+def _refuse_special_files(base_root: Path, adapter_root: Path) -> None:
+    """A file the output would get that is a FIFO, socket, device or broken link is refused: left out silently,
+    the output would lack it (a FIFO config.json or tokenizer.json), and reading a FIFO blocks for ever."""
+    wanted = [p for p in sorted(base_root.rglob("*")) if not _skipped(p.relative_to(base_root).as_posix())
+              and not _is_weight(p.relative_to(base_root).as_posix())]
+    wanted += [p for p in sorted(adapter_root.iterdir()) if is_tokenizer_file(p.name)]
+    for path in wanted:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            kind = "a broken symbolic link"
+        except OSError as e:
+            kind = f"unreadable ({e.strerror})"
+        else:
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+                continue
+            kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise CheckpointError(f"{path}: is {kind}, not a regular file, so it cannot be copied into the merged "
+                              "model; replace it with the real file or remove it")
 
 
 def _inside_or_refuse(path: Path, root: Path) -> Path:
@@ -162,6 +187,9 @@ def read_base_config(root: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AdapterError(f"{path}: base config.json is not valid JSON ({e}); re-download the base") from e
+    except RecursionError:
+        raise AdapterError(f"{path}: base config.json is nested too deeply to be a model config; re-download the "
+                           "base") from None
     return data if isinstance(data, dict) else {}
 
 

@@ -18,17 +18,17 @@ import torch
 from . import kernels
 from .adapter import Adapter, load_adapter
 from .checkpoint import DTYPES, TensorReader, open_checkpoint
-from .errors import NumericError
+from .errors import CheckpointError, NumericError
 from .files import DTYPE_NAMES, copy_side_files, side_files, write_config
 from .hub import resolve
 from .lineage import base_mismatch
 from .memory import MemoryMonitor, fmt_bytes
 from .pipeline import BufferPool, WriteBehind
-from .output import Staging, check_free_space, check_output
+from .output import Staging, check_free_space, check_output, resolve_output
 from .options import OUT_DTYPES, parse_size
 from .plan import OutTensor, Plan, build_plan
 from .tuners.base import Block
-from .writer import PlannedTensor, ShardWriter, plan_shards, shard_file_names, write_index
+from .writer import DEFAULT_METADATA, PlannedTensor, ShardWriter, header_bytes, plan_shards, shard_file_names, write_index
 
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_BLOCK_BYTES = 4 * 2**20  # float32 row blocks of ~4 MiB stay in L2/L3; whole-tensor math is ~6x slower
@@ -85,15 +85,16 @@ def merge(
         raise ValueError(f"dtype must be one of {', '.join(OUT_DTYPES)}, not {dtype!r}")
     shard_limit = parse_size(max_shard_size)
     block_bytes = _block_bytes(max_memory)
-    output = Path(output).expanduser()
+    output = Path(output).expanduser() if dry_run else resolve_output(output)
+    staging = Staging(output, overwrite)  # nothing happens on disk until it is entered
 
-    with MemoryMonitor() as mem:
+    with staging.reporting_interrupts(), MemoryMonitor() as mem:
         if not dry_run:
             check_output(output, overwrite)
         base_dir = resolve(base, "base", hf_token)
         adapter_dir = resolve(adapter, "adapter", hf_token)
         if not dry_run:
-            check_output(output, overwrite, (base_dir, adapter_dir))
+            check_output(output, overwrite, (base_dir, adapter_dir), writes=side_files(base_dir, adapter_dir))
 
         say("[1/3] Plan: reading headers and matching the adapter to the base")
         ckpt = open_checkpoint(base_dir)
@@ -123,22 +124,29 @@ def merge(
                 say("      dry run: nothing written")
             else:
                 check_free_space(output, plan.total_bytes + sum(p.stat().st_size for p in extra.values()))
-                with Staging(output, overwrite) as staging, one_torch_thread():
+                with staging, one_torch_thread():
                     say(f"[2/3] Merge: writing {len(shards)} shard(s)")
+                    for shard, name in zip(shards, names):
+                        size = len(header_bytes(shard, DEFAULT_METADATA)[0]) + sum(t.nbytes for t in shard)
+                        staging.expect(name, size)
                     written = _write_shards(plan, shards, names, staging.path, lora, block_bytes, progress, mem,
                                              clamp_f16)
                     others = len([f for f in extra if f != "config.json"])
                     say(f"[3/3] Write: index, config.json and {others} other file(s) (tokenizer, templates, code)")
                     if len(shards) > 1:
                         write_index(staging.path / INDEX_NAME, shards, names)
+                        staging.expect(INDEX_NAME)
                     copy_side_files(extra, staging.path)
                     _write_output_config(plan, extra.get("config.json"), staging.path, dtype)
+                    for rel in extra:
+                        staging.expect(rel)
                     staging.commit()
                 summary.bytes_written = written
         finally:
             lora.close()
-    summary.seconds = time.perf_counter() - started
-    summary.peak_memory = mem.peak
+        mem.current()
+        summary.seconds = time.perf_counter() - started
+        summary.peak_memory = mem.peak  # inside the block: an interrupt from here on is still reported truly
     return summary
 
 
@@ -196,12 +204,10 @@ def _write_shards(plan: Plan, shards, names, dest: Path, lora: Adapter, block_by
                 sink.submit(writer.close)
             sink.finish()
     except BaseException:
-        try:
-            sink.finish()
-        except BaseException:  # noqa: BLE001 - the first error is the one to report
-            pass
-        for w in writers:
-            w.abort()
+        if sink.abort():
+            for w in writers:
+                w.abort()
+        # else the writer thread is stuck inside a write (a stalled disk): its files go with the staging folder
         raise
     finally:
         if bar is not None:
@@ -216,7 +222,13 @@ def _emit(t: OutTensor, writer: ShardWriter, reader: TensorReader, lora: Adapter
         info = t.base
 
         def copy() -> None:
-            writer.copy_from(t.name, reader.fd(info.path), info.offset, info.nbytes)
+            try:
+                with reader.opened(info.path, info.stamp) as fd:
+                    writer.copy_from(t.name, fd, info.offset, info.nbytes)
+            except CheckpointError:
+                reader.check(info)  # a source that ended early: name the file that changed
+                raise
+            reader.check(info)  # a file rewritten in place during the copy has a new mtime
             reader.release(info)
 
         sink.submit(copy)
@@ -260,20 +272,22 @@ def merged_rows(
     cols = math.prod(t.shape[1:]) if t.shape else 1
     out_dtype = DTYPES[t.dtype]
     itemsize = torch.empty((), dtype=out_dtype).element_size()
+    # source rows are read (pread, never mapped: a file truncated meanwhile is an error, not SIGBUS) into
+    # buffers reused by every block; the base's next block is read ahead while this one is computed
     if t.replacement is not None:
-        whole = lora.get(t.replacement).reshape(rows, cols)
+        key = t.replacement
+        src_buf = reader.buffer(min(rows, _block_rows(block_bytes, cols)) * cols * lora.dtypes[key].itemsize)
 
         def source(r0: int, r1: int) -> torch.Tensor:
-            return whole[r0:r1]
+            return lora.read_rows(key, r0, r1, src_buf).reshape(r1 - r0, cols)
     else:
         info = t.base
 
         def source(r0: int, r1: int) -> torch.Tensor:
-            return reader.rows(info, r0, r1).reshape(r1 - r0, cols)
+            return reader.next_rows(info, r0, r1).reshape(r1 - r0, cols)
 
     ops = [op.prepare(lora) for op in t.ops]
-    tile = kernels.tile_rows(cols)
-    step = max(tile, block_bytes // (max(cols, 1) * 4) // tile * tile)  # whole tiles: bytes independent of it
+    step = _block_rows(block_bytes, cols)
     # float32 scratch reused by every block of this tensor: no allocation (and no page faults) per block
     # half <-> half casts (bf16 -> f16) run ~3x faster on the CPU through float32 than directly
     half = (torch.float16, torch.bfloat16)
@@ -343,8 +357,16 @@ def merged_rows(
                            "use --dtype bf16 or f32, or pass --clamp-f16 to clamp them to +-65504")
 
 
+def _block_rows(block_bytes: int, cols: int) -> int:
+    """Rows per block: whole tiles, so the merged bytes do not depend on the block size."""
+    tile = kernels.tile_rows(cols)
+    return max(tile, block_bytes // (max(cols, 1) * 4) // tile * tile)
+
+
 def _f16_overflow(w: torch.Tensor) -> tuple[int, int]:
     """(how many finite values of `w` exceed float16's range, the first such row)."""
+    if w.numel() == 0:
+        return 0, -1
     lo, hi = torch.aminmax(w)
     if -F16_MAX <= lo and hi <= F16_MAX:  # one pass for the common case (NaN fails both and is counted below)
         return 0, -1

@@ -1,23 +1,137 @@
 """The output directory: checked before anything starts, built in a hidden staging directory beside it,
-fsync'ed, and renamed into place only when complete. A killed merge leaves nothing at --output that looks
+fsync'ed, checked complete, and renamed into place. A killed merge leaves nothing at --output that looks
 complete; the next run (which holds the lock) removes its stale staging directories."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
+import fnmatch
 import os
+import re
 import shutil
+import signal
+import stat
+import threading
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
-from .errors import OutputError
+from .errors import Interrupted, OutputError
+from .files import TOKENIZER_PATTERNS, WEIGHT_INDEXES, WEIGHT_SUFFIXES
+from .memory import fmt_bytes
 
 STAGING_TAG = ".streammerge-tmp-"
+LOCK_TAG = ".streammerge.lock"
+# kept free beyond the planned bytes: file system metadata, and other writers on the same disk
+SPACE_MARGIN = 64 * 2**20
+
+# what a model folder holds: `--overwrite` replaces only folders made of these (see foreign_file)
+_MODEL_FILES = (
+    *(f"*{s}" for s in WEIGHT_SUFFIXES), *WEIGHT_INDEXES, *TOKENIZER_PATTERNS, "*config*.json", "*.jinja",
+    "*.tiktoken", "*.model", "README.md", "LICENSE*", "NOTICE*", "USE_POLICY*", ".gitattributes",
+)
+# ... and, at the top of a folder that is evidently a model (config.json and weights), other JSON and remote code
+_MODEL_FOLDER_TOP = ("*.json", "*.py")
 
 
-def check_output(output: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse outputs that cannot or must not be written, before any work is done."""
+def _lock_path(output: Path) -> Path:
+    return output.parent / f".{output.name}{LOCK_TAG}"
+
+
+def resolve_output(output: str | os.PathLike) -> Path:
+    """The folder the merge will be written to, decided before any work.
+
+    Refused outright: an empty --output (an unset shell variable), the root, a home folder, a folder that holds
+    the current directory, and a mount point (the finished merge is renamed into place, which a mount point
+    cannot take). A symbolic link at --output is followed to the folder it names; a dangling one is refused.
+    """
+    text = os.fspath(output)
+    if not str(text).strip():
+        raise OutputError("--output is empty (an unset shell variable?); pass the folder to write the merged "
+                          "model to")
+    path = Path(text).expanduser()
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if not target.exists():
+            raise OutputError(f"{path}: --output is a symbolic link to {target}, which does not exist; create that "
+                              "folder or pass another --output")
+        path = target
+    real = Path(os.path.realpath(path))
+    never = "streammerge never replaces it; pass a new folder for the merged model"
+    if real == Path(real.anchor):
+        raise OutputError(f"{text}: --output is the root folder; {never}")
+    if real in _home_folders(real):
+        raise OutputError(f"{text}: --output is a home folder ({real}); {never}")
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the current directory was deleted: nothing can contain it
+        cwd = None
+    if cwd is not None and (real == cwd or real in cwd.parents):
+        raise OutputError(f"{text}: --output {real} holds the current directory; {never}")
+    if real.is_dir() and os.path.ismount(real):
+        raise OutputError(f"{text}: --output {real} is a mount point: the merge is built beside it and renamed into "
+                          "place, which a mount point cannot take; pass a folder inside it")
+    return path
+
+
+def _home_folders(real: Path) -> set[Path]:
+    homes = set()
+    try:
+        homes.add(Path.home().resolve())
+    except (RuntimeError, OSError):  # no HOME and no password entry
+        pass
+    if os.environ.get("HOME"):
+        homes.add(Path(os.environ["HOME"]).resolve())
+    try:
+        import pwd
+
+        homes.add(Path(pwd.getpwuid(real.stat().st_uid).pw_dir).resolve())  # e.g. ~otheruser
+    except (ImportError, KeyError, OSError):
+        pass
+    return homes
+
+
+def foreign_file(folder: Path, ours: Collection[str] = ()) -> str | None:
+    """The first entry of `folder` (relative path, sorted) that is not part of a model output, or None.
+
+    Part of a model output: weights, config and tokenizer files, model cards and licenses; remote code and
+    other JSON at the top of a folder with config.json and weights; huggingface_hub's `.cache/huggingface`
+    bookkeeping; and `ours`, the files this merge writes itself (the base's other files, copied). Anything else
+    (a `.git` folder, sources, documents, a link to a folder) means the folder is not a model output.
+    """
+    top = os.listdir(folder)
+    model = "config.json" in top and any(n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json") for n in top)
+    ours = set(ours)
+    for root, dirs, files in os.walk(folder):
+        rel_root = Path(root).relative_to(folder)
+        dirs.sort()
+        if rel_root == Path(".cache"):
+            others = sorted(set(dirs) - {"huggingface"}) + sorted(files)
+            if others:
+                return (rel_root / others[0]).as_posix()
+            dirs[:] = []  # what huggingface_hub keeps about a download into this folder
+            continue
+        for d in dirs:
+            rel = (rel_root / d).as_posix()
+            if os.path.islink(os.path.join(root, d)) or d.startswith(".") and rel != ".cache":
+                return rel + "/"
+        allowed = _MODEL_FILES + (_MODEL_FOLDER_TOP if model and rel_root == Path(".") else ())
+        for name in sorted(files):
+            rel = (rel_root / name).as_posix()
+            if rel not in ours and not any(fnmatch.fnmatch(name, p) for p in allowed):
+                return rel
+    return None
+
+
+def check_output(output: Path, overwrite: bool, inputs: tuple[Path, ...] = (), writes: Collection[str] | None = None
+                 ) -> None:
+    """Refuse outputs that cannot or must not be written, before any work is done.
+
+    With `writes` (the files besides the weights this merge will write), an --overwrite of a folder that is not
+    a model output is refused too.
+    """
     for ancestor in output.absolute().parents:
         if ancestor.exists():
             if not ancestor.is_dir():
@@ -25,63 +139,94 @@ def check_output(output: Path, overwrite: bool, inputs: tuple[Path, ...] = ()) -
             break
     if output.exists() and not output.is_dir():
         raise OutputError(f"{output}: --output exists and is a file, not a directory; choose another path")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise OutputError(f"{output}: --output exists and is not empty; pass --overwrite to replace it or choose "
-                          "another path")
+    if output.is_dir() and any(output.iterdir()):
+        if not overwrite:
+            raise OutputError(f"{output}: --output exists and is not empty; pass --overwrite to replace it or "
+                              "choose another path")
+        if writes is not None:
+            _refuse_foreign(output, writes)
     resolved = output.resolve()
     for src in inputs:
         src = src.resolve()
         if resolved == src or src.is_relative_to(resolved) or resolved.is_relative_to(src):
             raise OutputError(f"{output}: --output overlaps an input folder ({src}); write the merge elsewhere")
-    parent = _existing_parent(output)
+    parent = _existing_parent(output.absolute().parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{output}: cannot write in {parent} (permission denied); choose another --output")
 
 
+def _refuse_foreign(output: Path, ours: Collection[str] = ()) -> None:
+    try:
+        foreign = foreign_file(output, ours)
+    except OSError as e:
+        raise OutputError(f"{output}: cannot read --output to check what --overwrite would replace "
+                          f"({e.strerror}); choose another --output") from None
+    if foreign is not None:
+        raise OutputError(f"{output}: --overwrite only replaces a model folder, and {foreign} is not a model, "
+                          "config or tokenizer file; remove it yourself or choose another --output")
+
+
 def check_free_space(output: Path, needed: int) -> None:
-    """Refuse to start when the planned output cannot fit on its filesystem.
+    """Refuse to start when the planned output cannot fit on the file system the staging folder is on.
 
     Staging directories a killed run left beside the output count as free: this run deletes them before it
     writes (unless another live run holds the lock, in which case this run stops at the lock anyway).
     """
-    free = shutil.disk_usage(_existing_parent(output)).free
+    where = _existing_parent(output.absolute().parent)  # the staging folder is a sibling of --output
+    free = shutil.disk_usage(where).free
     stale = _stale_bytes(output)
-    margin = 64 * 2**20
-    if free + stale < needed + margin:
-        also = f" (+{stale / 1e9:.2f} GB in stale staging folders)" if stale else ""
+    if free + stale < needed + SPACE_MARGIN:
+        also = f" (+{fmt_bytes(stale)} in stale staging folders)" if stale else ""
         raise OutputError(
-            f"{output}: not enough free disk space: the merge writes {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB "
-            f"free{also}; free some space or choose another --output"
+            f"{output}: not enough free disk space on {where}: the merge writes {fmt_bytes(needed)} and keeps a "
+            f"safety margin of {SPACE_MARGIN // 2**20} MiB free; {fmt_bytes(free)} free{also}; free some space or "
+            "choose another --output"
         )
+
+
+def _staging_dirs(output: Path) -> list[Path]:
+    """This output's staging (and replaced-output) folders: `.NAME.streammerge-tmp-PID` / `...-old-PID`, NAME
+    compared literally (an output named `m*` or `merged[12]` must never match another output's folders)."""
+    prefix = f".{output.name}{STAGING_TAG}"
+    try:
+        names = os.listdir(output.parent)
+    except OSError:
+        return []
+    return [output.parent / n for n in sorted(names)
+            if n.startswith(prefix) and re.fullmatch(r"(old-)?[0-9]+", n[len(prefix):])]
+
+
+def _lock_is_free(lock: Path) -> bool:
+    """True when no live run holds `lock` (or it does not exist)."""
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False  # a symlink or unreadable: nothing proves the owner is gone
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _stale_bytes(output: Path) -> int:
     """Disk space held by stale staging directories of `output` (0 while another run holds its lock)."""
     output = output.absolute()
-    parent = output.parent
-    if not parent.is_dir():
+    if not output.parent.is_dir() or not _lock_is_free(_lock_path(output)):
         return 0
-    lock = parent / f".{output.name}.streammerge.lock"
-    if lock.exists():
-        try:
-            fd = os.open(lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            return 0
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError:
-            return 0  # a live run: its staging folder is not stale
-        finally:
-            os.close(fd)
     total = 0
-    for stale in parent.glob(f".{output.name}{STAGING_TAG}*"):
+    for stale in _staging_dirs(output):
         for path in [stale, *stale.rglob("*")]:
             try:
                 st = path.lstat()
             except OSError:
                 continue
-            total += st.st_blocks * 512 if path.is_file() else 0
+            total += st.st_blocks * 512 if stat.S_ISREG(st.st_mode) else 0
     return total
 
 
@@ -92,8 +237,34 @@ def _existing_parent(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM until the block is done, then deliver them: a rename that publishes the output is
+    never cut in half by Ctrl-C, and the interrupt that follows knows the output is in place."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs signal handlers in the main thread only
+        return
+    caught: list[int] = []
+    saved = {sig: signal.signal(sig, lambda s, _f: caught.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        if caught:
+            handler = saved[caught[0]]
+            if callable(handler):
+                handler(caught[0], None)
+            elif handler in (signal.SIG_DFL, None):
+                signal.raise_signal(caught[0])
+
+
 class Staging:
-    """A hidden directory beside `output`, locked against a second merge into the same place."""
+    """A hidden directory beside `output`, locked against a second merge into the same place.
+
+    Files the merge writes are declared with `expect`; `commit` publishes the folder only when every one of them
+    is there with its size. `published` says whether --output already holds the new merge (for messages).
+    """
 
     def __init__(self, output: Path, overwrite: bool) -> None:
         self.output = output.absolute()
@@ -101,51 +272,75 @@ class Staging:
         self.parent = self.output.parent
         self.prefix = f".{self.output.name}{STAGING_TAG}"
         self.path = self.parent / f"{self.prefix}{os.getpid()}"
-        self._lock_path = self.parent / f".{self.output.name}.streammerge.lock"
+        self._lock_path = _lock_path(self.output)
         self._lock_fd: int | None = None
+        self._expected: dict[str, int | None] = {}
+        self._inode: tuple[int, int] | None = None
+        self.entered = False
+        self.replacing = False  # --output held a model before this merge
+        self.published = False
 
     def __enter__(self) -> Staging:
+        self.entered = True
         try:
-            self.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OutputError(f"{self.output}: cannot create the output's folder ({e.strerror}); choose another "
-                              "--output") from None
-        self._lock()
-        try:
-            for stale in self.parent.glob(f"{self.prefix}*"):
-                # a killed run's staging (or replaced) directory: we hold the lock, so nobody else is using it
-                shutil.rmtree(stale, ignore_errors=True)
-            self.path.mkdir()
-        except OSError as e:
-            self._unlock()
-            raise OutputError(f"{self.output}: cannot create a staging folder in {self.parent} ({e.strerror}); "
-                              "choose another --output") from None
+            try:
+                self.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutputError(f"{self.output}: cannot create the output's folder ({e.strerror}); choose "
+                                  "another --output") from None
+            self._lock()
+            try:
+                for stale in _staging_dirs(self.output):
+                    # a killed run's staging (or replaced) folder: we hold its output's lock, so its owner is gone
+                    if stale.is_dir() and not stale.is_symlink():
+                        shutil.rmtree(stale, ignore_errors=True)
+                    else:
+                        stale.unlink(missing_ok=True)
+                self.path.mkdir()
+                st = os.stat(self.path)
+                self._inode = (st.st_dev, st.st_ino)
+            except OSError as e:
+                raise OutputError(f"{self.output}: cannot create a staging folder in {self.parent} ({e.strerror}); "
+                                  "choose another --output") from None
+            self.replacing = self.output.is_dir() and any(self.output.iterdir())
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def _lock(self) -> None:
         """flock a lock file beside the output. flock dies with the process, so kill -9 never leaves a stale lock.
 
+        The lock path is never followed when it is a symbolic link (that would truncate whatever it points at).
         The file is unlinked on release; a run that opened it just before that would lock an orphaned inode, so
         after locking we check the path still names the inode we hold, and retry otherwise.
         """
+        name = self._lock_path.name
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
         for _ in range(100):
             try:
-                fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+                fd = os.open(self._lock_path, flags, 0o644)
             except OSError as e:
-                raise OutputError(f"{self.output}: cannot create the lock file {self._lock_path.name} in "
-                                  f"{self.parent} ({e.strerror}); choose another --output") from None
+                if e.errno == errno.ELOOP or self._lock_path.is_symlink():
+                    raise OutputError(f"{self.output}: the lock file {self._lock_path} is a symbolic link; "
+                                      "streammerge never writes through one: remove it and re-run") from None
+                raise OutputError(f"{self.output}: cannot create the lock file {name} in {self.parent} "
+                                  f"({e.strerror}); choose another --output") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise OutputError(f"{self.output}: the lock file {self._lock_path} is not a regular file; remove it "
+                                  "and re-run")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 os.close(fd)
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     raise OutputError(f"{self.output}: another streammerge run is writing this output (lock "
-                                      f"{self._lock_path.name} is held); wait for it or choose another --output"
-                                      ) from None
+                                      f"{name} is held); wait for it or choose another --output") from None
                 raise OutputError(f"{self.output}: cannot lock {self._lock_path} ({e.strerror}); choose another "
                                   "--output") from None
             try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self._lock_path))
+                same = os.path.samestat(os.fstat(fd), os.lstat(self._lock_path))
             except OSError:
                 same = False
             if same:
@@ -168,33 +363,80 @@ class Staging:
             os.close(self._lock_fd)
             self._lock_fd = None
 
+    def expect(self, rel: str, size: int | None = None) -> None:
+        """Declare that `rel` must be in the staging folder at commit, `size` bytes long (default: as it is now)."""
+        if size is None:
+            try:
+                size = os.stat(self.path / rel).st_size
+            except OSError:
+                size = -1  # reported as missing at commit
+        self._expected[rel] = size
+
+    def _check_complete(self) -> None:
+        """Every declared file is in the folder this run created, with its size: nothing else may publish."""
+        problems = []
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) != self._inode:
+                problems.append("the folder itself was removed and re-created")
+        except OSError:
+            problems.append("the folder itself is gone")
+        for rel, size in self._expected.items():
+            try:
+                st = os.lstat(self.path / rel)
+            except OSError:
+                problems.append(f"{rel} is missing")
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                problems.append(f"{rel} is not a regular file")
+            elif st.st_size != size:
+                problems.append(f"{rel} is {st.st_size} bytes, {size} were written")
+        if problems:
+            raise OutputError(
+                f"{self.output}: the finished merge is incomplete in its staging folder {self.path.name} "
+                f"({'; '.join(problems[:5])}{'; ...' if len(problems) > 5 else ''}): another process removed or "
+                "changed files in it; nothing was published; re-run the merge"
+            )
+
     def commit(self) -> None:
-        """fsync everything and move the staging directory to --output (replacing it when allowed).
+        """Check and fsync everything, then move the staging directory to --output (replacing it when allowed).
 
         The output appears in one rename. A replaced output is swapped out atomically (renameat2 RENAME_EXCHANGE
-        where available), so a kill at any instant leaves either the old output or the new one at --output.
+        where available), so a kill at any instant leaves either the old output or the new one at --output; an
+        interrupt during the swap is delivered once it is done.
         """
         try:
+            self._check_complete()
             for path in sorted(self.path.rglob("*"), reverse=True):  # files, then their folders
                 _fsync_path(path)
             _fsync_path(self.path)
+            self._check_complete()
             if self.output.is_dir() and any(self.output.iterdir()):
                 if not self.overwrite:
                     raise OutputError(f"{self.output}: appeared while merging; pass --overwrite or choose another "
                                       "path")
-                if _exchange(self.path, self.output):
-                    _fsync_path(self.parent)
-                    shutil.rmtree(self.path, ignore_errors=True)  # now the old output
-                    return
-                old = self.parent / f"{self.prefix}old-{os.getpid()}"
-                os.rename(self.output, old)
-                os.rename(self.path, self.output)
+                _refuse_foreign(self.output, [p.relative_to(self.path).as_posix() for p in self.path.rglob("*")])
+                with signals_deferred():
+                    if _exchange(self.path, self.output):
+                        self.published = self.replacing = True
+                    else:
+                        old = self.parent / f"{self.prefix}old-{os.getpid()}"
+                        os.rename(self.output, old)
+                        try:
+                            os.rename(self.path, self.output)
+                        except OSError:
+                            os.rename(old, self.output)  # never leave --output empty
+                            raise
+                        self.published = self.replacing = True
+                        self.path = old
                 _fsync_path(self.parent)
-                shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(self.path, ignore_errors=True)  # now the old output
                 return
             if self.output.exists() and not self.output.is_dir():
                 raise OutputError(f"{self.output}: a file appeared at --output while merging; choose another path")
-            os.rename(self.path, self.output)  # onto nothing, or atomically over an empty folder
+            with signals_deferred():
+                os.rename(self.path, self.output)  # onto nothing, or atomically over an empty folder
+                self.published = True
             _fsync_path(self.parent)
         except OutputError:
             raise
@@ -202,10 +444,37 @@ class Staging:
             raise OutputError(f"{self.output}: cannot move the finished merge into place ({e.strerror}); check "
                               "the output disk or choose another --output") from None
 
+    def interrupted_message(self) -> str:
+        """What an interrupt (Ctrl-C, SIGTERM) left at --output, for the one line the CLI prints."""
+        if self.published:
+            replaced = "; the previous output was replaced" if self.replacing else ""
+            return f"interrupted after the merge was complete: {self.output} holds the new merged model{replaced}"
+        if self.replacing:
+            return f"interrupted; {self.output} was left as it was (the unfinished merge was removed)"
+        if self.entered:
+            return "interrupted; nothing was written to --output (its staging directory was removed)"
+        return "interrupted; nothing was written to --output"
+
+    @contextlib.contextmanager
+    def reporting_interrupts(self) -> Iterator[None]:
+        """Turn an interrupt anywhere in the block into Interrupted, with what it left at --output."""
+        try:
+            yield
+        except KeyboardInterrupt as e:
+            if isinstance(e, Interrupted):
+                raise
+            raise Interrupted(self.interrupted_message()) from None
+
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.path.exists():
-            shutil.rmtree(self.path, ignore_errors=True)
-        self._unlock()
+        # a Ctrl-C during the cleanup waits for it: never a staging folder or a lock file left behind
+        with signals_deferred():
+            try:
+                if self.path.is_symlink():
+                    self.path.unlink()
+                elif self.path.exists():
+                    shutil.rmtree(self.path, ignore_errors=True)
+            finally:
+                self._unlock()
 
 
 _RENAME_EXCHANGE = 2
@@ -229,7 +498,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         os.fsync(fd)
     except OSError as e:

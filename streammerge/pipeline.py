@@ -50,12 +50,20 @@ class BufferPool:
 
 
 class WriteBehind:
-    """Runs write tasks in submission order on one thread; the first failure is re-raised in the caller."""
+    """Runs write tasks in submission order on one thread; the first failure is re-raised in the caller.
+
+    The writer thread polls its queue instead of waiting on it for ever, so `abort` can stop it even when an
+    interrupt in the main thread left the queue's bookkeeping half-done (a lost wake-up would otherwise hang the
+    process while it holds the output lock).
+    """
+
+    POLL = 0.05  # seconds between checks for abort while the queue is empty
 
     def __init__(self, pool: BufferPool, depth: int) -> None:
         self.pool = pool
         self._tasks: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._error: BaseException | None = None
+        self._abort = threading.Event()
         self._thread = threading.Thread(target=self._run, name="streammerge-writer", daemon=True)
         self._thread.start()
 
@@ -67,13 +75,16 @@ class WriteBehind:
         self._tasks.put((task, buf))
 
     def _run(self) -> None:
-        while True:
-            item = self._tasks.get()
+        while not self._abort.is_set():
+            try:
+                item = self._tasks.get(timeout=self.POLL)
+            except queue.Empty:
+                continue
             if item is None:
                 return
             task, buf = item
             try:
-                if self._error is None:
+                if self._error is None and not self._abort.is_set():
                     task()
             except BaseException as e:  # noqa: BLE001 - handed to the main thread
                 self._error = e
@@ -87,6 +98,13 @@ class WriteBehind:
         self._thread.join()
         if self._error is not None:
             raise self._error
+
+    def abort(self, timeout: float = 1.0) -> bool:
+        """Drop the queued tasks and wait at most `timeout` seconds for the one running; never blocks on the
+        queue. True when the thread has stopped (False: it is still inside a task, e.g. a stalled write)."""
+        self._abort.set()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 class Writeback:

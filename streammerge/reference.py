@@ -72,7 +72,8 @@ class Sources:
         if path.suffix == ".safetensors":
             handle = self._open(path, (r1 - r0) * cols * self.adapter.dtypes[key].itemsize)
             return self._rows(handle, key, shape, per_index, cols, r0, r1)
-        return self.adapter.get(key).reshape(-1, cols)[r0:r1]
+        whole = self.adapter.get(key)
+        return whole.reshape(-1, cols)[r0:r1] if whole.numel() else whole.reshape(r1 - r0, cols)
 
     def factor(self, key: str) -> Tensor:
         """A whole adapter tensor as float64 (factors are small: rank x dim)."""
@@ -100,6 +101,8 @@ class Sources:
             return handle.get_tensor(name).reshape(1, 1)[r0:r1]
         i0, i1 = r0 // per_index, -(-r1 // per_index)
         slab = handle.get_slice(name)[i0:i1]
+        if slab.numel() == 0:  # a dimension of size 0: nothing to read, and reshape(-1, 0) is ambiguous
+            return slab.reshape(r1 - r0, cols)
         return slab.reshape(-1, cols)[r0 - i0 * per_index: r1 - i0 * per_index]
 
     def close(self) -> None:

@@ -6,12 +6,14 @@ adapter files, read with the safetensors library. Tensors with no arithmetic (co
 trainable-token rows) must match the source value rounded once, bit for bit; merged values must lie within what
 float32 arithmetic can explain of the float64 value, rounded once to the output dtype (see `output_bounds`).
 The plan -- which adapter tensors go to which output tensor, the scale, the orientation -- is shared with the
-merge, not re-derived. Missing, extra and mis-shaped tensors, config.json and the side files are checked too, and
-the output is read through the same strict header reader as a base, so a damaged header is caught as well.
+merge, not re-derived. Missing, extra and mis-shaped tensors, config.json, each shard's `__metadata__` and the
+copied side files (tokenizer, chat template, generation config...) are checked too, and the output is read
+through the same strict header reader as a base, so a damaged header is caught as well.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
 import random
 from collections.abc import Callable
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .adapter import load_adapter
-from .checkpoint import TensorReader, open_checkpoint
+from .checkpoint import Checkpoint, TensorReader, open_checkpoint, read_header
 from .errors import CheckpointError, MissingFileError, VerifyError
 from .bounds import Workspace
 from .files import DTYPE_NAMES, output_config, read_base_config, side_files
@@ -176,6 +178,8 @@ def verify(
         report.config_problems = _check_config(base_dir, merged_dir, plan.config_updates, report.dtype_choices)
         missing_files = [f for f in side_files(base_dir, adapter_dir) if not (merged_dir / f).exists()]
         report.config_problems += [f"file {f} was not copied" for f in missing_files]
+        report.config_problems += _check_metadata(out)
+        report.config_problems += _check_side_files(side_files(base_dir, adapter_dir), merged_dir)
     finally:
         sources.close()
         lora.close()
@@ -282,6 +286,28 @@ def _where_exact(have: torch.Tensor, want: torch.Tensor, r0: int) -> str:
     flat = int(bad.nonzero()[0][0]) if bool(bad.any()) else 0
     i, j = divmod(flat, have.shape[1] if have.dim() > 1 else 1)
     return f"row {r0 + i}, column {j}: merged {have.reshape(-1)[flat].item()!r}, expected {want.reshape(-1)[flat].item()!r}"
+
+
+def _check_metadata(out: Checkpoint) -> list[str]:
+    """Every merged shard carries the `__metadata__` the merge writes (transformers checks `format`)."""
+    from .writer import DEFAULT_METADATA
+
+    problems = []
+    for path in out.files:
+        _, metadata = read_header(path)
+        if metadata != dict(DEFAULT_METADATA):
+            problems.append(f"{path.name}: __metadata__ is {metadata}, the merge writes {dict(DEFAULT_METADATA)}")
+    return problems
+
+
+def _check_side_files(files: dict[str, Path], merged_dir: Path) -> list[str]:
+    """The copied files (tokenizer, templates, generation config...) are byte for byte their sources."""
+    problems = []
+    for rel, src in files.items():
+        dst = merged_dir / rel
+        if rel != "config.json" and dst.is_file() and not filecmp.cmp(src, dst, shallow=False):
+            problems.append(f"file {rel} differs from {src}")
+    return problems
 
 
 def _check_config(base_dir: Path, merged_dir: Path, updates: dict, choices: list[str]) -> list[str]:

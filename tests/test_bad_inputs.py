@@ -538,10 +538,11 @@ def test_existing_empty_output_dir_is_fine(capsys, base, adapter, out):
 
 def test_overwrite_replaces_existing_output(capsys, base, adapter, out):
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    # a model folder (--overwrite refuses to replace anything else: tests/test_reliability.py)
+    (out / "model-00001-of-00009.safetensors").write_text("old")
     rc, _, err = ht.run_cli(merge_argv(base, adapter, out, "--overwrite"), capsys)
     assert rc == 0, err
-    assert ht.looks_complete(out) and not (out / "stale.txt").exists()
+    assert ht.looks_complete(out) and not (out / "model-00001-of-00009.safetensors").exists()
     assert sorted(os.listdir(out.parent)) == ["merged"]
 
 
@@ -608,8 +609,8 @@ def test_not_enough_disk_checked_before_start(capsys, base, adapter, out, monkey
     import streammerge.writer as writer_mod
 
     monkeypatch.setattr(writer_mod.ShardWriter, "__init__", lambda *a, **k: opened.append(a) or 1 / 0)
-    fails(capsys, merge_argv(base, adapter, out), OUTPUT, str(out), "not enough free disk space", "GB",
-          output=out)
+    fails(capsys, merge_argv(base, adapter, out), OUTPUT, str(out), "not enough free disk space", "KB",
+          "safety margin of 64 MiB", output=out)
     assert not opened, "a shard was started although the disk was known to be too small"
 
 

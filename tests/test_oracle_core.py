@@ -375,8 +375,8 @@ def test_cli_smoke_and_overwrite(cases, merged, fresh_dir):
     out = fresh_dir / "out"
     r = _cli("--base", case.base, "--adapter", case.adapter, "--output", out)
     assert r.returncode == 0, r.stderr
-    done = [ln for ln in r.stdout.splitlines()[-3:] if ln.startswith("Done. Merged model:")]
-    assert len(done) == 1, r.stdout  # among the last stdout lines
+    done = [ln for ln in r.stdout.splitlines()[-1:] if ln.startswith("\u2705 Done. Merged model:")]
+    assert len(done) == 1, r.stdout  # the last stdout line, with its check mark
     assert Path(done[0].split(":", 1)[1].strip()).resolve() == out.resolve(), done
     api_out, _ = merged.get(case, dtype="bf16")  # CLI default dtype is bf16
     x, y = read_output(out), read_output(api_out)
@@ -386,7 +386,7 @@ def test_cli_smoke_and_overwrite(cases, merged, fresh_dir):
     # existing non-empty output, no --overwrite: one stderr line, no traceback, nothing touched
     existing = fresh_dir / "existing"
     existing.mkdir()
-    (existing / "keep.txt").write_text("precious")
+    (existing / "tokenizer.json").write_text("precious")  # a model folder: --overwrite replaces only those
     before = tree_snapshot(existing)
     r = _cli("--base", case.base, "--adapter", case.adapter, "--output", existing)
     assert r.returncode != 0

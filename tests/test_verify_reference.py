@@ -66,7 +66,7 @@ SABOTAGE = {
     "dora_cols_skipped": _skipped("dora_cols"),
     "ia3_rows_skipped": _skipped("scale_rows"),
     "ia3_cols_skipped": _skipped("scale_cols"),
-    "replacement_read_wrong": None,  # Adapter.get returns full-replacement tensors shifted by 0.5
+    "replacement_read_wrong": None,  # Adapter.read_rows returns full-replacement tensors shifted by 0.5
 }
 
 
@@ -75,9 +75,10 @@ def _sabotage(monkeypatch, which: str) -> None:
     from streammerge.adapter import Adapter
 
     if which == "replacement_read_wrong":
-        real_get = Adapter.get
-        monkeypatch.setattr(Adapter, "get", lambda self, key: real_get(self, key) + 0.5
-                            if ".lora_" not in key else real_get(self, key))
+        # the engine reads adapter tensors through read_rows (a pread, so a changed file is an error, not a SIGBUS)
+        real_read = Adapter.read_rows
+        monkeypatch.setattr(Adapter, "read_rows", lambda self, key, *a, **k: real_read(self, key, *a, **k) + 0.5
+                            if ".lora_" not in key else real_read(self, key, *a, **k))
         return
     name, make = SABOTAGE[which]
     monkeypatch.setattr(kernels, name, make(getattr(kernels, name)))

@@ -56,7 +56,7 @@ class LoraRows(Op):
             b = b[:, self.expert::self.experts]
         if self.b_rows is not None:
             b = b[self.b_rows[0]:self.b_rows[1]]
-        return b.reshape(b.shape[0], -1), a.reshape(a.shape[0], -1)
+        return b.flatten(1), a.flatten(1)  # flatten, not reshape(n, -1): a factor with 0 rows is fine
 
     def prepare(self, factors: Factors) -> Prepared:
         b, a = self._factors(factors.factor(self.a), factors.factor(self.b))
