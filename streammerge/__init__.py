@@ -1,8 +1,9 @@
 """streammerge: merge a LoRA adapter into a safetensors checkpoint without instantiating the model."""
 
-import sys as _sys
-import types as _types
+from __future__ import annotations
+
 import warnings as _warnings
+from typing import Any
 
 from .errors import StreamMergeError
 
@@ -13,29 +14,11 @@ __all__ = ["MergeSummary", "StreamMergeError", "merge"]
 __version__ = "0.1.0"
 
 
-class _Package(_types.ModuleType):
-    """The merge engine (and torch) is imported on first use: `streammerge --help` stays instant, and a Ctrl-C
-    while torch loads reaches the command line's handler instead of printing a traceback."""
+def __getattr__(name: str) -> Any:
+    # the engine (and torch) is imported on first use: `streammerge --help` stays instant, and a Ctrl-C while
+    # torch loads reaches the command line's handler instead of printing a traceback
+    if name in ("merge", "MergeSummary"):
+        from . import api
 
-    @property
-    def merge(self):
-        if "_merge" in self.__dict__:
-            return self.__dict__["_merge"]
-        from .api import merge
-
-        return merge
-
-    @merge.setter
-    def merge(self, value) -> None:
-        # importing the submodule streammerge.merge binds it here; the function keeps the name, as it always has
-        if not isinstance(value, _types.ModuleType):
-            self.__dict__["_merge"] = value
-
-    @property
-    def MergeSummary(self):  # noqa: N802 - the class's name
-        from .api import MergeSummary
-
-        return MergeSummary
-
-
-_sys.modules[__name__].__class__ = _Package
+        return getattr(api, name)
+    raise AttributeError(f"module 'streammerge' has no attribute {name!r}")

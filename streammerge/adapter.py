@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import TensorInfo, TensorReader, read_header
 from .errors import AdapterError, MissingFileError, NumericError, UnsupportedError
+from .io.reader import TensorReader
+from .io.safetensors import TensorInfo, read_header
 from .kernels import nonfinite_count
 from .patterns import PATTERN_SECONDS, PatternTimeout, pattern_key
 from .tuners import TUNERS

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .hub import looks_like_repo_id
+from .io.hub import looks_like_repo_id
 
 # name tokens of quantized uploads -> what to call the scheme
 _QUANT_TOKENS = {

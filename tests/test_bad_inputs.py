@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import helpers_tiny as ht
-from streammerge.checkpoint import MAX_HEADER_SIZE, read_header
+from streammerge.io.safetensors import MAX_HEADER_SIZE, read_header
 from streammerge.errors import (
     AdapterError, CheckpointError, HubError, InputError, MissingFileError, NumericError, OutputError, PlanError,
     StreamMergeError, UnsupportedError,
@@ -600,13 +600,13 @@ def test_output_unwritable_permissions(capsys, base, adapter, tmp_path):
 
 
 def test_not_enough_disk_checked_before_start(capsys, base, adapter, out, monkeypatch):
-    import streammerge.output as output_mod
+    import streammerge.io.output as output_mod
 
     real = shutil.disk_usage
     monkeypatch.setattr(output_mod.shutil, "disk_usage",
                         lambda p: real(p)._replace(free=1000))
     opened = []
-    import streammerge.writer as writer_mod
+    import streammerge.io.writer as writer_mod
 
     monkeypatch.setattr(writer_mod.ShardWriter, "__init__", lambda *a, **k: opened.append(a) or 1 / 0)
     fails(capsys, merge_argv(base, adapter, out), OUTPUT, str(out), "not enough free disk space", "KB",
@@ -616,7 +616,7 @@ def test_not_enough_disk_checked_before_start(capsys, base, adapter, out, monkey
 
 def test_disk_full_mid_write_os_write(base, adapter, out, monkeypatch):
     """ENOSPC from the writer's os.write (after the pre-check passed): OutputError, no output, no staging."""
-    import streammerge.writer as writer_mod
+    import streammerge.io.writer as writer_mod
 
     real_write = os.write
 
@@ -641,7 +641,7 @@ def test_disk_full_mid_write_real_tmpfs(base, tmp_path, tmpfs, monkeypatch):
 
     import streammerge
 
-    merge_mod = sys.modules["streammerge.merge"]  # the package attribute `merge` is the function
+    import streammerge.api as merge_mod
     big = ht.make_base(tmp_path / "big", hidden=256, inter=512, vocab=1024)  # ~3 MB
     ad = ht.make_adapter(tmp_path / "big-ad", big)
     mnt = tmpfs(size="1m")
@@ -953,7 +953,7 @@ def test_fuzz_raw_header_with_true_length(tmp_path, raw, data):
 def test_fuzz_valid_then_mutated(tmp_path, spec, flip, byte):
     """A file save_file wrote is accepted with the same tensors; the same file with one header byte changed is
     accepted only if safetensors accepts it too, else refused with a CheckpointError."""
-    from streammerge.checkpoint import DTYPES
+    from streammerge.io.formats import DTYPES
 
     tensors = {name: torch.zeros(shape, dtype=DTYPES[dt]) for name, (dt, shape) in spec.items()}
     path = tmp_path / "f.safetensors"

@@ -16,16 +16,10 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from streammerge.checkpoint import (
-    DTYPES,
-    ITEMSIZE,
-    TORCH_TO_ST,
-    Checkpoint,
-    TensorInfo,
-    TensorReader,
-    open_checkpoint,
-    read_header,
-)
+from streammerge.io.checkpoint import Checkpoint, open_checkpoint
+from streammerge.io.formats import DTYPES, ITEMSIZE, TORCH_TO_ST
+from streammerge.io.reader import TensorReader
+from streammerge.io.safetensors import TensorInfo, read_header
 from streammerge.errors import CheckpointError, MissingFileError
 
 # ------------------------------------------------------------------------------------------------------------------

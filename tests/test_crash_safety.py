@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import helpers_tiny as ht
-from streammerge.output import STAGING_TAG
+from streammerge.io.output import STAGING_TAG
 from streammerge.verify import verify
 
 OUTPUT_ERROR = 6
@@ -177,7 +177,7 @@ def test_sigterm_cleans_up(mid, tmp_path):
 
 _HOOKED = textwrap.dedent("""
     import sys, time, pathlib
-    import streammerge.output as o
+    import streammerge.io.staging as o
     flag, where = pathlib.Path(sys.argv[1]), sys.argv[2]
     def hold():
         flag.touch()
@@ -263,7 +263,7 @@ def test_failed_merge_leaves_existing_output_untouched(small, tmp_path, monkeypa
     out = tmp_path / "merged"
     streammerge.merge(base, a1, out)
     before = ht.tree_digest(out)
-    import streammerge.writer as writer_mod
+    import streammerge.io.writer as writer_mod
 
     calls = {"n": 0}
     real_init = writer_mod.ShardWriter.__init__
@@ -286,7 +286,7 @@ def test_stale_staging_counts_as_free_space(small, tmp_path, monkeypatch, capsys
     pre-check must not refuse because of it (and still refuses when even that is not enough)."""
     import shutil as sh
 
-    import streammerge.output as output_mod
+    import streammerge.io.output as output_mod
 
     base, a1, _ = small
     out = tmp_path / "merged"
@@ -309,7 +309,7 @@ def test_stale_staging_of_a_live_run_is_not_free(tmp_path):
     """While another run holds the lock its staging folder is not reclaimable."""
     import fcntl
 
-    import streammerge.output as output_mod
+    import streammerge.io.output as output_mod
 
     out = tmp_path / "merged"
     stale = tmp_path / f".merged{STAGING_TAG}1"

@@ -12,7 +12,7 @@ import pytest
 
 import helpers_tiny as ht
 from streammerge.errors import HubError
-from streammerge.hub import resolve
+from streammerge.io.hub import resolve
 
 HUB_ERROR = 8
 TOKEN = "hf_TOKENtoken1234567890SECRET"
@@ -169,7 +169,7 @@ def test_ref_to_missing_snapshot_is_hub_error(local, offline, tmp_path):
 
 def test_snapshot_symlinks_into_blobs_are_allowed(local, offline):
     """The strict index check allows shard symlinks into the cache's own blobs/ (and nothing else)."""
-    from streammerge.checkpoint import open_checkpoint
+    from streammerge.io.checkpoint import open_checkpoint
 
     folder = resolve("tiny-org/tiny-sharded", "base")
     assert folder.parent.name == "snapshots"

@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 import helpers_tiny as ht
 import variant_helpers as vh
-from streammerge.checkpoint import open_checkpoint
-from streammerge.quantized import detect
+from streammerge.io.checkpoint import open_checkpoint
+from streammerge.io.quantized import detect
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

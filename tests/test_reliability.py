@@ -193,7 +193,7 @@ def test_commit_refuses_incomplete_staging(small, tmp_path, capsys, monkeypatch,
     refuses to publish it, so no output that says Done is ever missing a shard, the index or config.json."""
     import streammerge  # noqa: F401
 
-    merge_mod = sys.modules["streammerge.merge"]  # the package attribute `merge` is the function
+    import streammerge.api as merge_mod
     real_copy = merge_mod.copy_side_files
 
     def damaged(files, dest):
@@ -256,7 +256,7 @@ def test_overwrite_refuses_cwd_home_and_empty(small, tmp_path, output):
 
 @pytest.mark.parametrize("output", ["/", "home", "cwd", "cwd-parent"])
 def test_resolve_output_refuses_folders_never_replaced(tmp_path, monkeypatch, output):
-    from streammerge.output import resolve_output
+    from streammerge.io.output import resolve_output
 
     home = tmp_path / "home"
     work = home / "work"
@@ -306,7 +306,7 @@ def test_overwrite_replaces_a_previous_merge(small, tmp_path, capsys):
 
 _STALLED_WRITER = textwrap.dedent("""
     import pathlib, sys, time
-    import streammerge.writer as w
+    import streammerge.io.writer as w
     flag = pathlib.Path(sys.argv[1])
     def stalled(self, *args, **kwargs):  # the writer thread meets a disk that stopped answering
         flag.touch()
@@ -451,7 +451,8 @@ def test_base_file_changed_during_merge(mid, tmp_path, change, dtype):
 
 
 def test_reader_reports_a_changed_file_instead_of_faulting(tmp_path):
-    from streammerge.checkpoint import TensorReader, open_checkpoint
+    from streammerge.io.checkpoint import open_checkpoint
+    from streammerge.io.reader import TensorReader
 
     base = ht.make_base(tmp_path / "base", hidden=64, inter=128)
     ckpt = open_checkpoint(base)
@@ -468,7 +469,8 @@ def test_reader_reports_a_changed_file_instead_of_faulting(tmp_path):
 def test_next_rows_reads_ahead_and_reports_changes(tmp_path):
     """The engine's reads: block after block with the next one read ahead on a helper thread; any order still
     gives the right rows, and a file truncated while the helper reads is the same CheckpointError."""
-    from streammerge.checkpoint import TensorReader, open_checkpoint
+    from streammerge.io.checkpoint import open_checkpoint
+    from streammerge.io.reader import TensorReader
 
     base = ht.make_base(tmp_path / "base", hidden=64, inter=128, vocab=256)
     want = ht.base_tensors(hidden=64, inter=128, vocab=256)
@@ -493,7 +495,7 @@ def test_next_rows_reads_ahead_and_reports_changes(tmp_path):
 
 _HOLD_AFTER_SWAP = textwrap.dedent("""
     import pathlib, sys, time
-    import streammerge.output as o
+    import streammerge.io.staging as o
     flag, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
     real = o._exchange
     def exchange(a, b):
@@ -656,7 +658,8 @@ def test_1100_shards_under_ulimit_1024(tmp_path):
 
 
 def test_reader_keeps_few_files_open(tmp_path):
-    from streammerge.checkpoint import TensorReader, open_checkpoint
+    from streammerge.io.checkpoint import open_checkpoint
+    from streammerge.io.reader import TensorReader
 
     base = tmp_path / "base"
     base.mkdir()
@@ -672,7 +675,7 @@ def test_reader_keeps_few_files_open(tmp_path):
 
 
 def test_too_many_open_files_is_not_a_permission_problem(small, tmp_path, capsys, monkeypatch):
-    import streammerge.checkpoint as ck
+    import streammerge.io.reader as ck
 
     real = os.open
 
@@ -723,7 +726,7 @@ def test_free_space_message_states_sizes_and_margin(small, tmp_path, capsys, tmp
 def test_output_mount_point_is_refused_up_front(small, tmp_path, capsys, tmpfs, monkeypatch):
     """--output is a mount point (a big tmpfs) inside a small file system: the merge is staged beside it and
     renamed, which a mount point cannot take; decided before any shard is written."""
-    import streammerge.writer as writer_mod
+    import streammerge.io.writer as writer_mod
 
     small_fs = tmpfs(tmp_path / "small", "1m")
     out = tmpfs(small_fs / "merged", "64m")
@@ -764,7 +767,7 @@ def test_output_symlink_overwrite_replaces_the_target_and_keeps_the_link(small, 
 
 
 def test_output_dangling_symlink_is_refused_before_merging(small, tmp_path, capsys, monkeypatch):
-    import streammerge.writer as writer_mod
+    import streammerge.io.writer as writer_mod
 
     link = tmp_path / "lo"
     link.symlink_to(tmp_path / "nowhere" / "merged")

@@ -113,7 +113,7 @@ def test_without_transformers_the_error_says_to_install_it(legacy, tmp_path):
 def test_fused_rows_by_hand(wd):
     """The rows each split module takes: [q|k|v] + z + b + a, as transformers' Split sizes them."""
     base, _ = _build(wd, "lara_mini")
-    from streammerge.checkpoint import open_checkpoint
+    from streammerge.io.checkpoint import open_checkpoint
     from streammerge.layouts import derived_layout
 
     layout = derived_layout(base, open_checkpoint(base).tensors)

@@ -313,7 +313,7 @@ def test_reference_does_not_use_the_merge_engine(pair, tmp_path, monkeypatch):
     import inspect
 
     import streammerge.kernels as kernels
-    import streammerge.reference as reference
+    import streammerge.verify.reference as reference
 
     base, adapter = pair
     run_merge(base, adapter, tmp_path / "m")
@@ -335,7 +335,7 @@ def test_reference_does_not_use_the_merge_engine(pair, tmp_path, monkeypatch):
             imported.update(a.name for a in node.names)
         elif isinstance(node, ast.Import):
             imported.update(a.name for a in node.names)
-    assert not imported & {"merge", "kernels", "streammerge.merge", "streammerge.kernels"}, imported
+    assert not imported & {"engine", "kernels", "streammerge.engine", "streammerge.kernels"}, imported
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -520,7 +520,7 @@ def test_float32_output_tolerance(pair, tmp_path):
 def test_output_bounds_follow_float32_rounding():
     """[round(x - e), round(x + e)]: one value when the bound is far from a rounding tie, both neighbours when
     float32 arithmetic could land on either side."""
-    from streammerge.reference import output_bounds
+    from streammerge.verify.reference import output_bounds
 
     one = torch.tensor([[1.0]], dtype=torch.float64)
     ulp = 2.0 ** -7  # bf16 at 1.0

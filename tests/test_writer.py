@@ -14,19 +14,14 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import streammerge.writer as writer_mod
-from streammerge.checkpoint import DTYPES, TORCH_TO_ST, open_checkpoint, read_header
+import streammerge.io.writer as writer_mod
+from streammerge.io.checkpoint import open_checkpoint
+from streammerge.io.formats import DTYPES, TORCH_TO_ST
+from streammerge.io.safetensors import read_header
 from streammerge.errors import OutputError, StreamMergeError
 from streammerge.options import parse_size
-from streammerge.writer import (
-    PlannedTensor,
-    ShardWriter,
-    WriterStateError,
-    header_bytes,
-    plan_shards,
-    shard_file_names,
-    write_index,
-)
+from streammerge.io.sharding import PlannedTensor, header_bytes, plan_shards, shard_file_names, write_index
+from streammerge.io.writer import ShardWriter, WriterStateError
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:

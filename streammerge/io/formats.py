@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import torch
-from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_INDEX_FILE, SAFETENSORS_SINGLE_FILE
+from huggingface_hub.constants import (
+    CONFIG_NAME,
+    SAFETENSORS_INDEX_FILE,
+    SAFETENSORS_SINGLE_FILE,
+)
 
 __all__ = [
     "CONFIG_NAME", "DTYPES", "DTYPE_NAMES", "FLOAT_DTYPES", "ITEMSIZE", "SAFETENSORS_INDEX_FILE",

@@ -15,6 +15,12 @@ from dataclasses import dataclass
 
 from .derived import FusedPart, derived_layout, transformers_available
 
+__all__ = [
+    "CONV1D_MODEL_TYPES", "INPUT_EMBEDDING_SUFFIXES", "LAYOUTS", "LOADER_CHOICES", "MOE_RULES", "PER_EXPERT",
+    "REGISTRATION_ORDER", "TRANSPOSED_EXPERTS", "FusedPart", "Layout", "LayoutChoice", "candidates", "choose_layout",
+    "conv1d_layer", "derived_layout", "token_adapter_owner", "transformers_available", "wrapper_copy",
+]
+
 Rule = tuple[str, str]
 
 _VLM_TOP = r"(?!language_model\.|visual\.|vision_tower\.|multi_modal_projector\.|vision_model\.)"

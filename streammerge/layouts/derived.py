@@ -96,7 +96,11 @@ def derived_layout(root: Path, disk: Iterable[str]) -> Layout | None:
         import torch
         import transformers
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, apply_renamings
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            apply_renamings,
+        )
 
         config = transformers.AutoConfig.from_pretrained(str(root))
         cls = getattr(transformers, (config.architectures or [""])[0], None)

@@ -12,11 +12,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterError, PlanError, UnsupportedError
-from ..files import config_values, read_base_config
-from ..layouts import LayoutChoice, choose_layout, derived_layout, transformers_available
+from ..io.quantized import detect as detect_quantization
+from ..io.quantized import refusal as quantized_refusal
+from ..io.sidefiles import config_values, read_base_config
+from ..layouts import (
+    LayoutChoice,
+    choose_layout,
+    derived_layout,
+    transformers_available,
+)
 from ..options import output_dtype
-from ..quantized import detect as detect_quantization
-from ..quantized import refusal as quantized_refusal
 from ..tuners import TUNERS
 from ..tuners.base import Claim, ModuleKeys, PlanContext, Tuner
 from .keys import fold_wrapper_copies, group_keys
@@ -26,7 +31,7 @@ from .tied import Tie, find_input_embedding, head_clones, settle
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
-    from ..checkpoint import Checkpoint
+    from ..io.checkpoint import Checkpoint
 
 
 def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loader: str = "auto") -> Plan:

@@ -12,7 +12,7 @@ from ..errors import PlanError
 from ..io.formats import ITEMSIZE
 
 if TYPE_CHECKING:
-    from ..checkpoint import TensorInfo
+    from ..io.safetensors import TensorInfo
     from ..tuners.base import Op
 
 

@@ -22,7 +22,7 @@ from torch import Tensor
 if TYPE_CHECKING:
     from ..adapter import Adapter, AdapterConfig
     from ..bounds import Pair, Workspace
-    from ..checkpoint import TensorInfo
+    from ..io.safetensors import TensorInfo
     from ..layouts import FusedPart
     from ..plan.model import OutTensor
 

@@ -20,11 +20,20 @@ from .. import kernels
 from ..bounds import add_product
 from ..errors import UnsupportedError
 from ..layouts import PER_EXPERT, REGISTRATION_ORDER, TRANSPOSED_EXPERTS, candidates
-from .base import Block, Factors, ModuleKeys, Op, PlanContext, Prepared, ProblemSink, Reference
+from .base import (
+    Block,
+    Factors,
+    ModuleKeys,
+    Op,
+    PlanContext,
+    Prepared,
+    ProblemSink,
+    Reference,
+)
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
-    from ..checkpoint import TensorInfo
+    from ..io.safetensors import TensorInfo
 
 # more nested wrappers than this on one module is not a real adapter; it bounds the search over assignments
 MAX_NESTED = 6

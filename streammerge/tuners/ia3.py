@@ -10,7 +10,17 @@ from torch import Tensor
 
 from .. import kernels
 from ..bounds import scale_by
-from .base import Block, Factors, ModuleKeys, Op, PlanContext, Prepared, Reference, Role, Tuner
+from .base import (
+    Block,
+    Factors,
+    ModuleKeys,
+    Op,
+    PlanContext,
+    Prepared,
+    Reference,
+    Role,
+    Tuner,
+)
 from .common import weight_view
 
 

@@ -8,7 +8,17 @@ from torch import Tensor
 
 from .. import kernels
 from ..bounds import add_elementwise
-from .base import Block, Factors, ModuleKeys, Op, PlanContext, Prepared, Reference, Role, Tuner
+from .base import (
+    Block,
+    Factors,
+    ModuleKeys,
+    Op,
+    PlanContext,
+    Prepared,
+    Reference,
+    Role,
+    Tuner,
+)
 from .common import missing_roles, weight_view
 
 _FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")

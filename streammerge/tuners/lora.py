@@ -16,7 +16,18 @@ from ..errors import UnsupportedError
 from ..io.formats import FLOAT_DTYPES
 from ..layouts import conv1d_layer
 from . import dora, experts, tokens
-from .base import Block, Factors, ModuleKeys, Op, PlanContext, Prepared, ProblemSink, Reference, Role, Tuner
+from .base import (
+    Block,
+    Factors,
+    ModuleKeys,
+    Op,
+    PlanContext,
+    Prepared,
+    ProblemSink,
+    Reference,
+    Role,
+    Tuner,
+)
 
 if TYPE_CHECKING:
     from ..adapter import Adapter

@@ -13,7 +13,17 @@ from torch import Tensor
 from .. import kernels
 from ..bounds import add_product
 from ..errors import UnsupportedError
-from .base import Block, Factors, ModuleKeys, Op, PlanContext, Prepared, Reference, Role, Tuner
+from .base import (
+    Block,
+    Factors,
+    ModuleKeys,
+    Op,
+    PlanContext,
+    Prepared,
+    Reference,
+    Role,
+    Tuner,
+)
 from .common import missing_roles, weight_view
 
 # the shared random projections, saved once for the whole model

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from streammerge.adapter import Adapter, load_adapter_config
-from streammerge.checkpoint import Checkpoint, TensorInfo
+from streammerge.io.checkpoint import Checkpoint
+from streammerge.io.safetensors import TensorInfo
 from streammerge.errors import PlanError
 from streammerge.io.formats import ITEMSIZE
 from streammerge.plan import build_plan

@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from .errors import HubError, MissingFileError
+from ..errors import HubError, MissingFileError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 

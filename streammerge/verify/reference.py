@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .adapter import Adapter
-from .bounds import F64, U32, Pair, Workspace, make_pair
-from .checkpoint import DTYPES, TensorInfo
-from .plan import OutTensor
-from .tuners.base import Op
+from ..adapter import Adapter
+from ..bounds import F64, U32, Pair, Workspace, make_pair
+from ..io.formats import DTYPES
+from ..io.safetensors import TensorInfo
+from ..plan import OutTensor
+from ..tuners.base import Op
 
 F16_MAX = 65504.0
 

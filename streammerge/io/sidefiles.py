@@ -10,8 +10,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .errors import AdapterError, CheckpointError
-from .io.formats import DTYPE_NAMES  # noqa: F401  (re-exported)
+from ..errors import AdapterError, CheckpointError
+from .formats import DTYPE_NAMES  # noqa: F401  (re-exported)
 
 # other serialisations of the weights: copying them would ship unmerged weights beside the merged ones
 WEIGHT_SUFFIXES = (
@@ -118,10 +118,10 @@ def _refuse_special_files(base_root: Path, adapter_root: Path) -> None:
 
 
 def _inside_or_refuse(path: Path, root: Path) -> Path:
-    from .checkpoint import _allowed_dirs  # the same rule the shard index follows
+    from .checkpoint import allowed_dirs  # the same rule the shard index follows
 
     real = path.resolve()
-    dirs = _allowed_dirs(root)
+    dirs = allowed_dirs(root)
     if not any(real == d or d in real.parents for d in dirs):
         raise CheckpointError(f"{path}: is a link to {real}, outside the model folder {root.resolve()}; copy the "
                               "file into the folder instead of linking it")

@@ -22,15 +22,20 @@ from pathlib import Path
 
 import torch
 
-from .adapter import load_adapter
-from .checkpoint import Checkpoint, TensorReader, open_checkpoint, read_header
-from .errors import CheckpointError, MissingFileError, VerifyError
-from .bounds import Workspace
-from .files import DTYPE_NAMES, output_config, read_base_config, side_files
-from .hub import resolve
-from .merge import one_torch_thread  # the thread policy only; no merge math is imported
-from .options import OUT_DTYPES, output_dtype, parse_size
-from .plan import OutTensor, build_plan
+from ..adapter import load_adapter
+from ..bounds import Workspace
+from ..engine import (
+    one_torch_thread,  # the thread policy only; no merge math is imported
+)
+from ..errors import CheckpointError, MissingFileError, VerifyError
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.formats import DTYPE_NAMES
+from ..io.hub import resolve
+from ..io.reader import TensorReader
+from ..io.safetensors import read_header
+from ..io.sidefiles import output_config, read_base_config, side_files
+from ..options import OUT_DTYPES, output_dtype, parse_size
+from ..plan import OutTensor, build_plan
 from .reference import Sources, TensorReference, output_bounds, round_once
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -290,7 +295,7 @@ def _where_exact(have: torch.Tensor, want: torch.Tensor, r0: int) -> str:
 
 def _check_metadata(out: Checkpoint) -> list[str]:
     """Every merged shard carries the `__metadata__` the merge writes (transformers checks `format`)."""
-    from .writer import DEFAULT_METADATA
+    from ..io.sharding import DEFAULT_METADATA
 
     problems = []
     for path in out.files:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from .io.formats import FLOAT_DTYPES
+from .formats import FLOAT_DTYPES
 
 _LOW_FLOAT = ("F8", "F6", "F4")
 _INT_DTYPES = {"U8", "I8", "I16", "U16", "I32", "U32", "I64", "U64"}
