@@ -22,7 +22,7 @@ from .errors import AdapterError, MissingFileError, NumericError, UnsupportedErr
 from .io.reader import TensorReader
 from .io.safetensors import TensorInfo, read_header
 from .kernels import nonfinite_count
-from .patterns import PATTERN_SECONDS, PatternTimeout, pattern_key
+from .patterns import PATTERN_SECONDS, PatternMatcher, PatternTimeout
 from .tuners import TUNERS
 
 CONFIG_NAME = "adapter_config.json"
@@ -68,8 +68,8 @@ class AdapterConfig:
     trainable_token_indices: Any
     target_parameters: tuple[str, ...]
     feedforward_modules: Any = None
-    # seconds each slow-to-match pattern key has used so far (bounded by PATTERN_SECONDS)
-    _pattern_seconds: dict[str, float] = field(default_factory=dict, repr=False, compare=False)
+    # PEFT's pattern rule, with slow keys matched in bounded time (patterns.py)
+    _matcher: PatternMatcher = field(default_factory=PatternMatcher, repr=False, compare=False)
 
     def resolve_r(self, name: str) -> int:
         """r for a module name with PEFT >= 0.15's pattern rule (first key in file order wins)."""
@@ -80,15 +80,26 @@ class AdapterConfig:
         key = self._pattern_key("alpha_pattern", self.alpha_pattern, name)
         return float(self.alpha_pattern[key]) if key is not None else self.lora_alpha
 
+    def prime(self, names: list[str]) -> None:
+        """Match the slow pattern keys against these module names at once (one child process per key)."""
+        try:
+            self._matcher.prime([*self.rank_pattern, *self.alpha_pattern], names)
+        except PatternTimeout as e:
+            raise self._slow(e.key, f"the {len(names)} module names") from None
+
     def _pattern_key(self, field_name: str, patterns: dict[str, Any], name: str) -> str | None:
         try:
-            return pattern_key(patterns, name, self._pattern_seconds)
+            return self._matcher.first(patterns, name)
         except PatternTimeout as e:
-            raise AdapterError(
-                f"{self.path}: {field_name} key {e.key!r} cannot be matched against module {name} in "
-                f"{PATTERN_SECONDS:g} s: the regex backtracks catastrophically (PEFT would hang on it too); "
-                "rewrite it without nested or repeated alternatives, e.g. list the module names"
-            ) from None
+            raise self._slow(e.key, f"module {name}", field_name) from None
+
+    def _slow(self, key: str, against: str, field_name: str | None = None) -> AdapterError:
+        field_name = field_name or ("rank_pattern" if key in self.rank_pattern else "alpha_pattern")
+        return AdapterError(
+            f"{self.path}: {field_name} key {key!r} cannot be matched against {against} in "
+            f"{PATTERN_SECONDS:g} s: the regex backtracks catastrophically (PEFT would hang on it too); "
+            "rewrite it without nested or repeated alternatives, e.g. list the module names"
+        )
 
     def scaling(self, name: str, r: int) -> float:
         """PEFT's `s`: alpha/r, or alpha/sqrt(r) with rsLoRA, alpha resolved per module."""
@@ -160,6 +171,54 @@ class Adapter:
 def load_adapter_config(root: Path) -> AdapterConfig:
     """Read and validate adapter_config.json; refuse what cannot be merged into a checkpoint."""
     path = root / CONFIG_NAME
+    raw = _read_json(path)
+    peft_type = str(raw.get("peft_type", "LORA")).upper()
+    tuner = TUNERS.get(peft_type)
+    if tuner is None:
+        raise UnsupportedError(
+            f"{path}: peft_type {peft_type!r} is not supported (streammerge merges {', '.join(TUNERS)} "
+            "adapters); merge it with PEFT's merge_and_unload instead"
+        )
+    if tuner.check_config is not None:
+        tuner.check_config(path, raw)
+    _refuse_unmergeable(path, raw)
+    unknown = sorted(set(raw) - _known_fields())
+    if unknown:
+        warnings.warn(
+            f"{path}: unknown adapter_config fields {unknown} (from another PEFT version?) were ignored",
+            stacklevel=2,
+        )
+
+    def typed(name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+        return _typed(path, raw, name, kind, default)
+
+    rank_pattern, alpha_pattern = typed("rank_pattern", dict, {}), typed("alpha_pattern", dict, {})
+    _check_patterns(path, rank_pattern, alpha_pattern)
+    modules_to_save = raw.get("modules_to_save") or ()
+    target_parameters = raw.get("target_parameters") or ()
+    if not isinstance(target_parameters, (list, tuple)) or not all(isinstance(t, str) for t in target_parameters):
+        raise AdapterError(f"{path}: field 'target_parameters' has value {target_parameters!r}; expected a list of "
+                           "parameter names; fix adapter_config.json")
+    return AdapterConfig(
+        path=path,
+        raw=raw,
+        peft_type=peft_type,
+        r=typed("r", int, 8),
+        lora_alpha=float(typed(tuner.alpha_field, (int, float), 8)),
+        use_rslora=bool(raw.get("use_rslora", False)),
+        use_dora=bool(raw.get("use_dora", False)),
+        rank_pattern=rank_pattern,
+        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
+        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
+        modules_to_save=tuple(modules_to_save) if isinstance(modules_to_save, (list, tuple)) else (str(modules_to_save),),
+        ensure_weight_tying=bool(raw.get("ensure_weight_tying", False)),
+        trainable_token_indices=raw.get("trainable_token_indices"),
+        target_parameters=tuple(target_parameters),
+        feedforward_modules=raw.get("feedforward_modules"),
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MissingFileError(
             f"{path}: no adapter_config.json in the adapter folder; point --adapter at the folder PEFT's "
@@ -174,42 +233,22 @@ def load_adapter_config(root: Path) -> AdapterConfig:
                            "adapter") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{path}: expected a JSON object; re-save or re-download the adapter")
+    return raw
 
-    peft_type = str(raw.get("peft_type", "LORA")).upper()
-    tuner = TUNERS.get(peft_type)
-    if tuner is None:
-        raise UnsupportedError(
-            f"{path}: peft_type {peft_type!r} is not supported (streammerge merges {', '.join(TUNERS)} "
-            "adapters); merge it with PEFT's merge_and_unload instead"
-        )
-    if tuner.check_config is not None:
-        tuner.check_config(path, raw)
-    _refuse_unmergeable(path, raw)
 
-    unknown = sorted(set(raw) - _known_fields())
-    if unknown:
-        warnings.warn(
-            f"{path}: unknown adapter_config fields {unknown} (from another PEFT version?) were ignored",
-            stacklevel=2,
-        )
+def _typed(path: Path, raw: dict[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    """A number or object field: PEFT's default when missing; an explicit null fails in PEFT too."""
+    value = raw.get(name, default)
+    if value is None and name in raw:
+        need = "an object ({} for none)" if kind is dict else "a number"
+        raise AdapterError(f"{path}: field {name!r} is null, where PEFT needs {need} and cannot load the adapter "
+                           "either; set it to the value the adapter was trained with")
+    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, (int, float)):
+        raise AdapterError(f"{path}: field {name!r} has value {value!r}; expected {kind}; fix adapter_config.json")
+    return value
 
-    def typed(name: str, kind: type | tuple[type, ...], default: Any, nullable: bool = True) -> Any:
-        value = raw.get(name, default)
-        if value is None and name in raw and not nullable:
-            # PEFT uses its default only for a missing field; an explicit null fails in PEFT too
-            need = "an object ({} for none)" if kind is dict else "a number"
-            raise AdapterError(f"{path}: field {name!r} is null, where PEFT needs {need} and cannot load the adapter "
-                               "either; set it to the value the adapter was trained with")
-        if value is None:
-            return default
-        if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, (int, float)):
-            raise AdapterError(f"{path}: field {name!r} has value {value!r}; expected {kind}; fix adapter_config.json")
-        return value
 
-    r = typed("r", int, 8, nullable=False)
-    alpha = typed(tuner.alpha_field, (int, float), 8, nullable=False)
-    rank_pattern = typed("rank_pattern", dict, {}, nullable=False)
-    alpha_pattern = typed("alpha_pattern", dict, {}, nullable=False)
+def _check_patterns(path: Path, rank_pattern: dict[str, Any], alpha_pattern: dict[str, Any]) -> None:
     for pname, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
         for key, value in pattern.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -218,28 +257,6 @@ def load_adapter_config(root: Path) -> AdapterConfig:
                 re.compile(key)
             except re.error as e:
                 raise AdapterError(f"{path}: {pname} key {key!r} is not a valid regex ({e})") from e
-    modules_to_save = raw.get("modules_to_save") or ()
-    target_parameters = raw.get("target_parameters") or ()
-    if not isinstance(target_parameters, (list, tuple)) or not all(isinstance(t, str) for t in target_parameters):
-        raise AdapterError(f"{path}: field 'target_parameters' has value {target_parameters!r}; expected a list of "
-                           "parameter names; fix adapter_config.json")
-    return AdapterConfig(
-        path=path,
-        raw=raw,
-        peft_type=peft_type,
-        r=r,
-        lora_alpha=float(alpha),
-        use_rslora=bool(raw.get("use_rslora", False)),
-        use_dora=bool(raw.get("use_dora", False)),
-        rank_pattern=rank_pattern,
-        alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
-        fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        modules_to_save=tuple(modules_to_save) if isinstance(modules_to_save, (list, tuple)) else (str(modules_to_save),),
-        ensure_weight_tying=bool(raw.get("ensure_weight_tying", False)),
-        trainable_token_indices=raw.get("trainable_token_indices"),
-        target_parameters=tuple(target_parameters),
-        feedforward_modules=raw.get("feedforward_modules"),
-    )
 
 
 def _refuse_unmergeable(path: Path, raw: dict[str, Any]) -> None:

@@ -860,7 +860,7 @@ def test_slow_pattern_keeps_peft_matching(small, tmp_path):
     import streammerge
     from safetensors.torch import load_file
 
-    from streammerge.patterns import _may_backtrack
+    from streammerge.patterns import may_backtrack
 
     outs = {}
     for key in (r"(\w+\.)+q_proj", "q_proj"):
@@ -869,7 +869,7 @@ def test_slow_pattern_keeps_peft_matching(small, tmp_path):
         ad = _with_config(small[1], tmp_path / f"ad{len(outs)}", "adapter_config.json", json.dumps(cfg))
         outs[key] = load_file(str(streammerge.merge(small[0], ad, tmp_path / f"o{len(outs)}").output /
                                   "model.safetensors"))
-    assert _may_backtrack(r"(\w+\.)+q_proj") and not _may_backtrack("q_proj")
+    assert may_backtrack(r"(\w+\.)+q_proj") and not may_backtrack("q_proj")
     a, b = outs.values()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     plain = load_file(str(streammerge.merge(small[0], small[1], tmp_path / "plain").output / "model.safetensors"))

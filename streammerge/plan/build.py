@@ -45,6 +45,7 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
         raise UnsupportedError(quantized_refusal(quant, ckpt.root, ckpt.tensors))
 
     modules, replacements = group_keys(_module_keys(adapter, tuner), adapter.weights_path, problems)
+    cfg.prime(list(modules))
     notes = fold_wrapper_copies(replacements, adapter)
     claims: list[Claim] = list(tuner.claim(modules, adapter, ckpt.tensors, loader, problems)) if tuner.claim else []
     if tuner.check_keys is not None:
