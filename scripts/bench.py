@@ -290,7 +290,7 @@ print(f"{len(set(a) & set(b))} common tensors; only streammerge: {only_a[:3]}{'.
       f"max |diff| {worst:.3g}{f' ({worst_k})' if worst_k else ''}; elements differing {ndiff / max(n, 1):.2%}")
 """
     r = subprocess.run([sys.executable, "-c", code, str(sm_out), str(peft_out)], capture_output=True, text=True)
-    return (r.stdout.strip() or r.stderr.strip().splitlines()[-1:] and r.stderr.strip().splitlines()[-1]) or "?"
+    return (r.stdout.strip() or (r.stderr.strip().splitlines()[-1:] and r.stderr.strip().splitlines()[-1])) or "?"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -305,17 +305,16 @@ def mb(n: float) -> str:
 def machine_info(work: Path) -> dict[str, str]:
     cpu = "?"
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     except OSError:
         pass
     ram = "?"
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                ram = f"{int(line.split()[1]) / 2**20:.1f} GiB"
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    ram = f"{int(line.split()[1]) / 2**20:.1f} GiB"
     except OSError:
         pass
     du = shutil.disk_usage(work)
@@ -489,7 +488,7 @@ def main(argv=None) -> int:
                 notes.append(f"{name} round {rnd}: exit 0 but no .safetensors in {outs[name]}.")
             bench.rows.append((rnd, name, r))
             print(f"round {rnd} {name:11s} {r.wall:8.2f}s  cpu {r.cpu:7.1f}s  load {r.load:4.1f}  peak anon {mb(r.peak_anon):>7s} MB  "
-                  f"peak RSS {mb(r.peak_rss):>7s} MB  {'ok' if r.ok else 'FAILED exit %d' % r.returncode}", flush=True)
+                  f"peak RSS {mb(r.peak_rss):>7s} MB  {'ok' if r.ok else f'FAILED exit {r.returncode}'}", flush=True)
             if name == "streammerge" and not r.ok:
                 sm_failed = True
                 msg = tail(r.stderr or r.stdout, 2).replace("\n", " | ")
@@ -500,8 +499,8 @@ def main(argv=None) -> int:
                 notes.append(f"peft round {rnd} failed (exit {r.returncode}): "
                              f"`{tail(r.stderr, 3).replace(chr(10), ' | ')[:400]}`")
             if name == "streammerge" and r.ok and rnd == 1:
-                last = [l for l in r.stdout.strip().splitlines() if l.strip()][-3:]
-                notes.append("streammerge's own summary (round 1): " + " / ".join(f"`{l.strip()}`" for l in last))
+                last = [ln for ln in r.stdout.strip().splitlines() if ln.strip()][-3:]
+                notes.append("streammerge's own summary (round 1): " + " / ".join(f"`{ln.strip()}`" for ln in last))
     if args.verify and use_peft and not sm_failed and bench.of("peft") and bench.of("peft")[-1].ok:
         v = verify_outputs(outs["streammerge"], outs["peft"])
         notes.append(f"Output check (last round, streammerge vs peft): {v}")

@@ -31,9 +31,9 @@ warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from streammerge.options import parse_size  # noqa: E402
 from streammerge.io.sharding import PlannedTensor, plan_shards, shard_file_names, write_index  # noqa: E402
 from streammerge.io.writer import ShardWriter  # noqa: E402
+from streammerge.options import parse_size  # noqa: E402
 
 PRESETS = {
     # Shapes of the real Qwen/Qwen3-1.7B and Qwen/Qwen3-8B configs; "tiny" is the same architecture shrunk.

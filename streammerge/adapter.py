@@ -210,7 +210,8 @@ def load_adapter_config(root: Path) -> AdapterConfig:
         rank_pattern=rank_pattern,
         alpha_pattern={k: float(v) for k, v in alpha_pattern.items()},
         fan_in_fan_out=bool(raw.get("fan_in_fan_out", False)),
-        modules_to_save=tuple(modules_to_save) if isinstance(modules_to_save, (list, tuple)) else (str(modules_to_save),),
+        modules_to_save=(tuple(modules_to_save) if isinstance(modules_to_save, (list, tuple))
+                         else (str(modules_to_save),)),
         ensure_weight_tying=bool(raw.get("ensure_weight_tying", False)),
         trainable_token_indices=raw.get("trainable_token_indices"),
         target_parameters=tuple(target_parameters),
@@ -243,7 +244,7 @@ def _typed(path: Path, raw: dict[str, Any], name: str, kind: type | tuple[type, 
         need = "an object ({} for none)" if kind is dict else "a number"
         raise AdapterError(f"{path}: field {name!r} is null, where PEFT needs {need} and cannot load the adapter "
                            "either; set it to the value the adapter was trained with")
-    if not isinstance(value, kind) or isinstance(value, bool) and kind in (int, (int, float)):
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
         raise AdapterError(f"{path}: field {name!r} has value {value!r}; expected {kind}; fix adapter_config.json")
     return value
 
@@ -326,11 +327,13 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
             raise _bin_error(path, e) from e
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e2:  # noqa: BLE001 - any unpickling failure is a bad file
+        except Exception as e2:
             raise _bin_error(path, e2) from e2
-    except Exception as e:  # noqa: BLE001 - pickle raises many types for bad or hostile files
+    except Exception as e:
         raise _bin_error(path, e) from e
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()):
+    tensors_only = isinstance(data, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in data.items())
+    if not tensors_only:
         raise AdapterError(f"{path}: expected a dict of tensors; re-save the adapter with PEFT (safetensors preferred)")
     return data
 

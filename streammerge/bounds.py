@@ -70,7 +70,8 @@ def add_product(x: Tensor, e: Tensor, pair: Pair, i0: int, i1: int, scale: float
     return x, e
 
 
-def add_elementwise(x: Tensor, e: Tensor, d: Tensor, mag: Tensor, scale: float, roundings: int) -> tuple[Tensor, Tensor]:
+def add_elementwise(x: Tensor, e: Tensor, d: Tensor, mag: Tensor, scale: float,
+                    roundings: int) -> tuple[Tensor, Tensor]:
     """x + s * d, where the float32 evaluation of `d` takes `roundings` roundings per term of magnitude `mag`."""
     e = e + gamma(roundings) * (x.abs() + abs(scale) * mag)
     return x + scale * d, e

@@ -11,6 +11,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .errors import Interrupted, StreamMergeError, one_line
 from .layouts import LOADER_CHOICES
@@ -26,7 +27,7 @@ EPILOG = """examples:
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one `error: ...` line (exit 2) like every other failure."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):  # type: ignore[override,unused-ignore]
         self.exit(2, f"error: {one_line(message)}; see '{self.prog} --help'\n")
 
 
@@ -184,7 +185,7 @@ def _merge(args: argparse.Namespace, token: str | None) -> int:
     from .api import merge
     from .memory import fmt_bytes
 
-    print = _printer(token)  # noqa: A001 - shadowing on purpose: every line below is redacted
+    print = _printer(token)
     if args.clamp_f16 and args.dtype in ("bf16", "f32"):
         warnings.warn(f"--clamp-f16 has no effect with --dtype {args.dtype} (only float16 output can overflow)",
                       stacklevel=1)
@@ -229,7 +230,7 @@ def _merge(args: argparse.Namespace, token: str | None) -> int:
 def _verify(args: argparse.Namespace, token: str | None) -> int:
     from .verify import verify
 
-    print = _printer(token)  # noqa: A001
+    print = _printer(token)
     started = time.perf_counter()
     sample = None if args.all_rows else args.sample
     what = "every row" if sample is None else f"the first, the last and ~{sample} random row blocks"
@@ -242,7 +243,7 @@ def _verify(args: argparse.Namespace, token: str | None) -> int:
         print(f"Elapsed: {time.perf_counter() - started:.1f} s")
 
 
-def _report(report, print: Callable[[str], None] = print) -> int:  # noqa: A002
+def _report(report, print: Callable[[str], None] = print) -> int:
     from .errors import VerifyError
 
     rows = sum(c.rows_checked for c in report.checks)
@@ -278,7 +279,7 @@ class _RedactToken(logging.Filter):
 _finished = threading.Event()  # the command's work is complete (set by the action, cleared by _run)
 
 
-def _interrupt(signum, frame):  # noqa: ARG001
+def _interrupt(signum, frame):
     # SIGTERM unwinds like Ctrl-C, so the staging directory and the lock are cleaned up on the way out. Only
     # the first signal interrupts: more Ctrl-Cs while cleaning up must not cut the cleanup short.
     if _finished.is_set():
@@ -300,7 +301,7 @@ def _run(action, token: str | None, process: bool = False,
     if log_filter is not None:
         for lg in loggers:
             lg.addFilter(log_filter)
-    saved: dict[int, object] = {}
+    saved: dict[int, Any] = {}
     _finished.clear()
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -320,7 +321,7 @@ def _run(action, token: str | None, process: bool = False,
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         _say_error(f"error: {_clean(where + (e.strerror or str(e)), token)}; check the disk and the paths given")
         code = 6
-    except Exception as e:  # noqa: BLE001 - a bug: one line, traceback only on request
+    except Exception as e:
         if os.environ.get("STREAMMERGE_DEBUG"):
             raise
         _say_error(f"error: internal error {type(e).__name__}: {_clean(str(e), token)} (a streammerge bug: please "
@@ -328,9 +329,9 @@ def _run(action, token: str | None, process: bool = False,
         code = 1
     finally:
         warnings.showwarning = saved_warning
-        for sig, handler in saved.items():
+        for sig_num, handler in saved.items():
             # a process whose work is done ignores late signals: its exit code already tells the truth
-            signal.signal(sig, signal.SIG_IGN if process else handler)
+            signal.signal(sig_num, signal.SIG_IGN if process else handler)
         if log_filter is not None:
             for lg in loggers:
                 lg.removeFilter(log_filter)

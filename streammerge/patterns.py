@@ -97,9 +97,9 @@ def _full(key: str) -> str:
 
 
 try:  # the parser of the re module (sre_parse before Python 3.11)
-    from re import _parser as _sre_parse
+    from re import _parser as _sre_parse  # type: ignore[attr-defined]
 except ImportError:  # pragma: no cover
-    import sre_parse as _sre_parse  # type: ignore[no-redef]
+    import sre_parse as _sre_parse
 
 _REPEATS = ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT")
 
@@ -110,7 +110,7 @@ def may_backtrack(key: str) -> bool:
     repeat inside a repeat, alternatives inside a repeat, back-references, or two unbounded repeats."""
     try:
         tree = _sre_parse.parse(key)
-    except Exception:  # noqa: BLE001 - let the matcher report it
+    except Exception:
         return True
     unbounded = 0
 

@@ -345,7 +345,7 @@ def checkpoint_keys(dirpath: Path) -> dict[str, tuple[list[int], str]]:
     out = {}
     for f in checkpoint_files(dirpath):
         with safe_open(str(f), "pt") as h:
-            for k in h.keys():
+            for k in h.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 assert k not in out, f"{k} appears in two shards"
                 sl = h.get_slice(k)
                 out[k] = (list(sl.get_shape()), sl.get_dtype())

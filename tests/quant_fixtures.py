@@ -95,7 +95,7 @@ def read_tensors(folder: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name in files:
         with safe_open(str(folder / name), "pt") as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 out[k] = f.get_tensor(k)
     return out
 
@@ -184,7 +184,7 @@ def bnb4_quant_state(parts: dict[str, torch.Tensor]):
     reads them."""
     from bitsandbytes.functional import QuantState
 
-    return QuantState.from_dict({k: v for k, v in parts.items()}, device=torch.device("cpu"))
+    return QuantState.from_dict(dict(parts.items()), device=torch.device("cpu"))
 
 
 def dequantize_bnb4(packed: torch.Tensor, parts: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

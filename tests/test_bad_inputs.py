@@ -1,4 +1,4 @@
-"""The catalogue of bad inputs (issue 5.1): every one is answered by exactly one `error: ...` line on stderr that
+"""The catalogue of bad inputs: every one is answered by exactly one `error: ...` line on stderr that
 names the file / tensor / module and the fix, a non-zero exit code from streammerge.errors, no traceback, and no
 output that looks complete (an existing output is left byte-for-byte untouched; no staging dir or lock is left).
 
@@ -18,18 +18,26 @@ import struct
 import subprocess
 from pathlib import Path
 
+import helpers_tiny as ht
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-import helpers_tiny as ht
-from streammerge.io.safetensors import MAX_HEADER_SIZE, read_header
 from streammerge.errors import (
-    AdapterError, CheckpointError, HubError, InputError, MissingFileError, NumericError, OutputError, PlanError,
-    StreamMergeError, UnsupportedError,
+    AdapterError,
+    CheckpointError,
+    HubError,
+    InputError,
+    MissingFileError,
+    NumericError,
+    OutputError,
+    PlanError,
+    StreamMergeError,
+    UnsupportedError,
 )
+from streammerge.io.safetensors import MAX_HEADER_SIZE, read_header
 
 INPUT, PLAN, UNSUPPORTED, OUTPUT, NUMERIC, HUB, USAGE = 3, 4, 5, 6, 7, 8, 2
 Q_PROJ = "model.layers.0.self_attn.q_proj"
@@ -223,7 +231,7 @@ def test_header_duplicate_key(capsys, base, adapter, out):
 def _swap_offsets(h: dict) -> dict:
     """Make the second tensor (in data order) overlap the first by pointing both at the same bytes."""
     entries = sorted((v["data_offsets"], k) for k, v in h.items() if k != "__metadata__")
-    (o0, k0), (o1, k1) = entries[0], entries[1]
+    (o0, k0), _ = entries[0], entries[1]
     same = [n for (o, n) in entries if o[1] - o[0] == o0[1] - o0[0] and n != k0]
     h[same[0]]["data_offsets"] = list(o0)
     return h
@@ -637,10 +645,8 @@ def test_disk_full_mid_write_os_write(base, adapter, out, monkeypatch):
 
 def test_disk_full_mid_write_real_tmpfs(base, tmp_path, tmpfs, monkeypatch):
     """A real full file system: the pre-check is bypassed so the kernel's ENOSPC is what stops the merge."""
-    import sys
 
     import streammerge
-
     import streammerge.api as merge_mod
     big = ht.make_base(tmp_path / "big", hidden=256, inter=512, vocab=1024)  # ~3 MB
     ad = ht.make_adapter(tmp_path / "big-ad", big)
@@ -899,10 +905,10 @@ def _safetensors_accepts(path: Path) -> bool:
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
+            for k in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
                 f.get_slice(k)
         return True
-    except Exception:  # noqa: BLE001 - any refusal
+    except Exception:
         return False
 
 
@@ -910,7 +916,7 @@ def _check_file(path: Path) -> None:
     """Our reader either accepts (and the tensors tile the file, and safetensors agrees) or raises CheckpointError
     with one line naming the file. Nothing else may escape."""
     try:
-        tensors, meta = read_header(path)
+        tensors, _meta = read_header(path)
     except CheckpointError as e:
         msg = str(e)
         assert "\n" not in msg and str(path) in msg

@@ -3,9 +3,8 @@ verifies and runs the built-in example. `.ci/run` also checks this on a real whe
 
 from __future__ import annotations
 
-import pytest
-
 import helpers_tiny as ht
+import pytest
 from blocked_imports import REPO, run_blocked
 
 

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("compressed_tensors")
 
-import quant_fixtures as qf  # noqa: E402
+import quant_fixtures as qf
 
 TOKENS = torch.tensor([[1, 5, 9, 2, 7, 3]])
 
@@ -118,7 +118,7 @@ def test_fp8_block_matches_transformers_own_quantizer(fx, monkeypatch):
     theirs, ours = qf.read_tensors(out), ck.tensors()
     for k in set(theirs) & set(ours):
         assert same_bits(theirs[k], ours[k]), k
-    only_ours = {k for k in set(ours) - set(theirs)}
+    only_ours = set(set(ours) - set(theirs))
     only_theirs = set(theirs) - set(ours)
     assert only_ours and all(".mlp.experts." in k and k.endswith("_proj.weight_scale_inv") for k in only_ours)
     assert only_theirs == {"model.layers.1.mlp.experts.gate_up_proj_scale_inv",
@@ -166,7 +166,7 @@ def test_compressed_tensors_layout(fx, key):
 def test_mxfp4_layout(fx):
     ck = fx.get("mxfp4-gptoss")
     assert ck.config["quantization_config"]["quant_method"] == "mxfp4"
-    disk, src = ck.tensors(), qf.read_tensors(ck.source)
+    disk = ck.tensors()
     hidden, inter, experts = qf.GPT_OSS["hidden_size"], qf.GPT_OSS["intermediate_size"], qf.GPT_OSS["num_local_experts"]
     for layer in range(2):
         p = f"model.layers.{layer}.mlp.experts."

@@ -1,4 +1,4 @@
-"""Reliability under concurrency, signals and a changing disk (issue 9), and the CLI's stable final lines.
+"""Reliability under concurrency, signals and a changing disk, and the CLI's stable final lines.
 
 Each test drives what a hostile or unlucky user does: a second run whose --output is a glob, --overwrite aimed at
 a project or home folder, Ctrl-C at many moments (real subprocesses, moments defined by what is on disk or on
@@ -24,11 +24,11 @@ import threading
 import time
 from pathlib import Path
 
+import helpers_tiny as ht
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import helpers_tiny as ht
 from streammerge.errors import CheckpointError, OutputError
 from streammerge.verify import verify
 
@@ -192,7 +192,6 @@ def test_commit_refuses_incomplete_staging(small, tmp_path, capsys, monkeypatch,
     """Files disappear from the staging folder before the commit (another process, a cleaner): the commit
     refuses to publish it, so no output that says Done is ever missing a shard, the index or config.json."""
     import streammerge  # noqa: F401
-
     import streammerge.api as merge_mod
     real_copy = merge_mod.copy_side_files
 
@@ -747,7 +746,7 @@ def test_output_symlink_to_an_empty_folder_is_followed(small, tmp_path, capsys):
     real.mkdir()
     link = tmp_path / "lo"
     link.symlink_to(real)
-    rc, o, err = ht.run_cli(_argv(small[0], small[1], link), capsys)
+    rc, _o, err = ht.run_cli(_argv(small[0], small[1], link), capsys)
     assert rc == 0, err
     assert link.is_symlink() and ht.looks_complete(real) and verify(small[0], small[1], link).ok
     assert sorted(os.listdir(tmp_path)) == ["lo", "real"]
@@ -857,9 +856,9 @@ def test_catastrophic_alpha_pattern_is_bounded(small, tmp_path):
 def test_slow_pattern_keeps_peft_matching(small, tmp_path):
     """A key that takes the bounded matcher (a repeat inside a repeat) selects exactly the modules PEFT's own
     `re.match` selects: the merge equals one with the plain key."""
-    import streammerge
     from safetensors.torch import load_file
 
+    import streammerge
     from streammerge.patterns import may_backtrack
 
     outs = {}

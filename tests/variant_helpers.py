@@ -1,4 +1,4 @@
-"""Helpers for the LoRA-variant oracle tests (issue 3): tiny bases of any class, PEFT adapters with
+"""Helpers for the LoRA-variant oracle tests: tiny bases of any class, PEFT adapters with
 perturbed trainables, PEFT references mapped back to on-disk names, and comparisons.
 
 Reference convention (spec §4): streammerge computes every merged tensor in float32 and rounds once to the
@@ -18,11 +18,10 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch import nn
-
 import oracle
+import torch
 from oracle import bit_equal, read_adapter_tensors, read_checkpoint, ulp_diff
+from torch import nn
 
 BF16 = torch.bfloat16
 F32 = torch.float32

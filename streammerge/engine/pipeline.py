@@ -72,7 +72,7 @@ class WriteBehind:
             try:
                 if self._error is None and not self._abort.is_set():
                     task()
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            except BaseException as e:
                 self._error = e
             finally:
                 if buf is not None:

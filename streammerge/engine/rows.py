@@ -19,6 +19,7 @@ from ..adapter import Adapter
 from ..errors import NumericError
 from ..io.formats import DTYPES
 from ..io.reader import TensorReader
+from ..io.safetensors import TensorInfo
 from ..options import DEFAULT_BLOCK_BYTES
 from ..plan import OutTensor
 from ..tuners.base import Block, Prepared
@@ -60,7 +61,7 @@ class TensorRows:
         self.out_dtype = DTYPES[t.dtype]
         self.step = block_rows(block_bytes, self.cols)
         self.ops: list[Prepared] = [op.prepare(lora) for op in t.ops]
-        src_dtype = lora.dtypes[t.replacement] if t.replacement is not None else t.base.torch_dtype
+        src_dtype = lora.dtypes[t.replacement] if t.replacement is not None else _base(t).torch_dtype
         # half <-> half casts (bf16 -> f16) run ~3x faster on the CPU through float32 than directly
         half = (torch.float16, torch.bfloat16)
         self.via_f32 = not self.ops and src_dtype in half and self.out_dtype in half and src_dtype != self.out_dtype
@@ -81,7 +82,7 @@ class TensorRows:
         t = self.t
         if t.replacement is not None:
             return self.lora.read_rows(t.replacement, r0, r1, self._src_buf).reshape(r1 - r0, self.cols)
-        return self.reader.next_rows(t.base, r0, r1).reshape(r1 - r0, self.cols)
+        return self.reader.next_rows(_base(t), r0, r1).reshape(r1 - r0, self.cols)
 
     def _view(self, buf: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
         assert buf is not None
@@ -90,6 +91,7 @@ class TensorRows:
     def _block(self, r0: int, r1: int) -> Block:
         def second() -> torch.Tensor:
             if self._second is None:
+                assert self._scratch is not None
                 self._second = torch.empty_like(self._scratch)
             return self._view(self._second, r0, r1)
 
@@ -128,6 +130,11 @@ class TensorRows:
             w.copy_(src)
             return w
         return src
+
+
+def _base(t: OutTensor) -> TensorInfo:
+    assert t.base is not None, f"{t.name}: planned without a source"
+    return t.base
 
 
 def merged_rows(
@@ -172,7 +179,7 @@ def f16_overflow(w: torch.Tensor) -> tuple[int, int]:
     if w.numel() == 0:
         return 0, -1
     lo, hi = torch.aminmax(w)
-    if -F16_MAX <= lo and hi <= F16_MAX:  # one pass for the common case (NaN fails both and is counted below)
+    if lo >= -F16_MAX and hi <= F16_MAX:  # one pass for the common case (NaN fails both and is counted below)
         return 0, -1
     over = (w.abs() > F16_MAX) & torch.isfinite(w)
     if not bool(over.any()):

@@ -92,7 +92,7 @@ def _emit(t: OutTensor, writer: ShardWriter, reader: TensorReader, lora: Adapter
             if from_base:
                 # the rows are in `y`: their source pages can go (on this thread, which has slack; the main
                 # thread's math is the critical path)
-                reader.release(t.base, r0, r1)
+                reader.release(t.base, r0, r1)  # type: ignore[arg-type]  # from_base: not None
 
         sink.submit(write, buf)
         n = y.numel() * y.element_size()

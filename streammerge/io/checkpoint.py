@@ -77,8 +77,8 @@ def _missing_weights_error(root: Path) -> MissingFileError:
     bins = sorted(p.name for p in root.glob("*.bin"))
     if bins:
         return MissingFileError(
-            f"{root}: has {bins[0]}{' and more' if len(bins) > 1 else ''} but no {SAFETENSORS_SINGLE_FILE}: streammerge reads "
-            "safetensors only; convert first, e.g. load the model with transformers and "
+            f"{root}: has {bins[0]}{' and more' if len(bins) > 1 else ''} but no {SAFETENSORS_SINGLE_FILE}: "
+            "streammerge reads safetensors only; convert first, e.g. load the model with transformers and "
             "save_pretrained(dir, safe_serialization=True), or use the Hub's 'Convert to safetensors' Space"
         )
     others = sorted(p.name for p in root.glob("*.safetensors"))
@@ -88,7 +88,8 @@ def _missing_weights_error(root: Path) -> MissingFileError:
             f"rename a single-file checkpoint to {SAFETENSORS_SINGLE_FILE} or add the index"
         )
     return MissingFileError(
-        f"{root}: no {SAFETENSORS_SINGLE_FILE} or {SAFETENSORS_INDEX_FILE}: point to the folder that holds the model weights"
+        f"{root}: no {SAFETENSORS_SINGLE_FILE} or {SAFETENSORS_INDEX_FILE}: point to the folder that holds the model "
+        "weights"
     )
 
 
@@ -104,8 +105,7 @@ def open_checkpoint(root: Path | str) -> Checkpoint:
     index_path = root / SAFETENSORS_INDEX_FILE
     # transformers loads model.safetensors when it exists, even next to an index; follow it.
     if single.is_file():
-        tensors, _ = read_header(single)
-        return Checkpoint(root, tensors, (single,), None)
+        return Checkpoint(root, read_header(single)[0], (single,), None)
     if not index_path.is_file():
         raise _missing_weights_error(root)
 

@@ -97,7 +97,7 @@ def foreign_file(folder: Path, ours: Collection[str] = ()) -> str | None:
     (a `.git` folder, sources, documents, a link to a folder) means the folder is not a model output.
     """
     top = os.listdir(folder)
-    model = "config.json" in top and any(n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json") for n in top)
+    model = "config.json" in top and any(n.endswith((*WEIGHT_SUFFIXES, ".index.json")) for n in top)
     ours = set(ours)
     for root, dirs, files in os.walk(folder):
         rel_root = Path(root).relative_to(folder)
@@ -110,7 +110,7 @@ def foreign_file(folder: Path, ours: Collection[str] = ()) -> str | None:
             continue
         for d in dirs:
             rel = (rel_root / d).as_posix()
-            if os.path.islink(os.path.join(root, d)) or d.startswith(".") and rel != ".cache":
+            if os.path.islink(os.path.join(root, d)) or (d.startswith(".") and rel != ".cache"):
                 return rel + "/"
         allowed = _MODEL_FILES + (_MODEL_FOLDER_TOP if model and rel_root == Path(".") else ())
         for name in sorted(files):
@@ -242,7 +242,8 @@ def output_error(exc: OSError, path: Path, remaining: int = 0) -> OutputError:
     if code == errno.ENOSPC:
         msg = f"no space left on device while writing {path}: free at least {_gb(remaining)} or choose another --output"
     elif code == getattr(errno, "EDQUOT", -1):
-        msg = f"disk quota exceeded while writing {path}: free {_gb(remaining)} in your quota or choose another --output"
+        msg = (f"disk quota exceeded while writing {path}: free {_gb(remaining)} in your quota or choose another "
+               "--output")
     elif code == errno.EROFS:
         msg = f"read-only file system while writing {path}: choose another --output"
     elif code in (errno.EACCES, errno.EPERM):

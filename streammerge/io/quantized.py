@@ -42,8 +42,11 @@ _STATE_SUFFIXES = (
 
 
 class _Header(Protocol):
-    dtype: str
-    shape: tuple[int, ...]
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,8 @@ def detect(headers: Mapping[str, _Header], config: Mapping[str, Any] | None = No
                 {"weight": f"{mod}.weight", "weight_scale_inv": name, "input_scale": f"{mod}.input_scale"})
         elif name.endswith(".qweight"):
             mod = name[: -len(".qweight")]
-            add(f"{mod}.weight", "GPTQ/AWQ", {"qweight": name, **{s: f"{mod}.{s}" for s in ("qzeros", "scales", "g_idx")}})
+            parts = {"qweight": name, **{s: f"{mod}.{s}" for s in ("qzeros", "scales", "g_idx")}}
+            add(f"{mod}.weight", "GPTQ/AWQ", parts)
     for name in headers:
         if name.endswith(".weight_scale") and name not in claimed:
             mod = name[: -len(".weight_scale")]

@@ -134,7 +134,8 @@ def _raw_header(path: Path) -> tuple[bytes, int, tuple[int, int, int]]:
             size = st.st_size
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             if size < 8:
-                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header: {_REDOWNLOAD}")
+                raise CheckpointError(f"{path}: file is {size} bytes, too short for a safetensors header: "
+                                      f"{_REDOWNLOAD}")
             (header_len,) = struct.unpack("<Q", f.read(8))
             if header_len > MAX_HEADER_SIZE:
                 raise CheckpointError(

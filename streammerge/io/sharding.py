@@ -16,7 +16,7 @@ from .output import output_error
 
 DEFAULT_METADATA: Mapping[str, str] = MappingProxyType({"format": "pt"})
 
-# save_file's order (verified against safetensors.torch.save_file in tests/test_writer.py)
+# save_file's order (verified against safetensors.torch.save_file in tests/io/test_writer.py)
 _DTYPE_RANK = {name: i for i, name in enumerate(SAVE_ORDER)}
 
 @dataclass(frozen=True)

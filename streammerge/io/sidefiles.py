@@ -89,7 +89,7 @@ def side_files(base_root: Path, adapter_root: Path) -> dict[str, Path]:
     if _ships_tokenizer(names):
         keep_template = not _ships_template(adapter_root, names)
         files = {rel: src for rel, src in files.items()
-                 if "/" in rel or not is_tokenizer_file(rel) or keep_template and _is_template(rel)}
+                 if "/" in rel or not is_tokenizer_file(rel) or (keep_template and _is_template(rel))}
     for path in ours:
         files[path.name] = _inside_or_refuse(path, adapter_root)
     return files

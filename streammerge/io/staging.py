@@ -15,6 +15,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..errors import Interrupted, OutputError
 from .output import STAGING_TAG, lock_path, refuse_foreign, staging_dirs
@@ -28,7 +29,8 @@ def signals_deferred() -> Iterator[None]:
         yield  # Python runs signal handlers in the main thread only
         return
     caught: list[int] = []
-    saved = {sig: signal.signal(sig, lambda s, _f: caught.append(s)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved: dict[int, Any] = {sig: signal.signal(sig, lambda s, _f: caught.append(s))
+                             for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:

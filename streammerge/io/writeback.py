@@ -7,17 +7,18 @@ import ctypes
 import ctypes.util
 import os
 import threading
+from typing import Any
 
 # sync_file_range starts writeback of what was just written without waiting for it: the disk stays busy through
 # the merge, dirty pages stay few, and the final fsync is short.
 _SYNC_WRITE = 2  # SYNC_FILE_RANGE_WRITE: start writeback of dirty pages in the range, do not wait
-_libc = None
+_sync_file_range: Any = None
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     _sync_file_range = _libc.sync_file_range
     _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
 except (OSError, AttributeError):  # not Linux/glibc: fall back to fdatasync
-    _sync_file_range = None
+    pass
 
 
 class Writeback:

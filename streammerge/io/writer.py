@@ -60,7 +60,7 @@ def _as_bytes(data: torch.Tensor | bytes | bytearray | memoryview) -> memoryview
         # torch tensors do not export the buffer protocol and numpy is not a dependency: a ctypes array over
         # the tensor's memory does, and holding the tensor on it keeps that memory alive as long as the view
         buf = (ctypes.c_ubyte * nbytes).from_address(t.data_ptr())
-        buf._owner = t
+        buf._owner = t  # type: ignore[attr-defined]
         return memoryview(buf).cast("B")
     view = memoryview(data)
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")

@@ -54,7 +54,7 @@ def split_parts(model: Any, disk: Mapping[str, Any], renamings: list, converters
             how = f"{pattern} -> {', '.join(conv.target_patterns)} ({', '.join(type(op).__name__ for op in ops)})"
             sizes = _row_sizes(model, targets, ops, header.shape, Chunk, Split)
             start = 0
-            for target, size in zip(targets, sizes or [None] * len(targets)):
+            for target, size in zip(targets, sizes or [None] * len(targets)):  # type: ignore[list-item]
                 if size is None:
                     parts[target] = FusedPart(disk_name, None, how)
                 else:
@@ -84,7 +84,7 @@ def _row_sizes(model: Any, targets: list[str], ops: list, shape: tuple[int, ...]
     return sizes if sum(sizes) == rows else None
 
 
-def derived_layout(root: Path, disk: Iterable[str]) -> Layout | None:
+def derived_layout(root: Path, disk: Mapping[str, Any]) -> Layout | None:
     """The base's own disk -> module renames, as transformers applies them when it loads this checkpoint.
 
     Only used when no built-in layout places every adapter tensor, and only when transformers is importable: the
@@ -111,7 +111,7 @@ def derived_layout(root: Path, disk: Iterable[str]) -> Layout | None:
         mapping = get_model_conversion_mapping(model)
         renamings = [c for c in mapping if isinstance(c, WeightRenaming)]
         parts = split_parts(model, disk, renamings, [c for c in mapping if isinstance(c, WeightConverter)])
-    except Exception:  # noqa: BLE001 - no transformers, an unknown or custom architecture: the built-ins stand
+    except Exception:
         return None
     names: dict[str, str] = {}
     for disk_name in disk:

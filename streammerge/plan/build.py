@@ -62,7 +62,8 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     # tied on disk: the config says so and the checkpoint stores no output embedding of its own
     tie = (Tie(input_embedding, optional, to_disk) if tied_config and input_embedding is not None
            and to_disk("lm_head.weight") not in ckpt.tensors else None)
-    out = {name: OutTensor(name, output_dtype(dtype, info.dtype), info.shape, info) for name, info in ckpt.tensors.items()}
+    out = {name: OutTensor(name, output_dtype(dtype, info.dtype), info.shape, info)
+           for name, info in ckpt.tensors.items()}
     ctx = PlanContext(adapter, cfg, str(base_config.get("model_type", "")), ckpt.tensors, to_disk,
                       _targets(out, tie, to_disk, problems), problems, loader, layout.parts or {})
 

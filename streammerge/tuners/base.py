@@ -12,7 +12,7 @@ planned data (adapter keys, scale) with three ways to run it:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
@@ -128,7 +128,8 @@ class PlanContext:
 class Claim(Protocol):
     """Modules a tuner takes over before the layout is chosen (PEFT's ParamWrappers of target_parameters)."""
 
-    names: list[str]   # module-side tensor names it will touch
+    @property
+    def names(self) -> list[str]: ...   # module-side tensor names it will touch
 
     def plan(self, ctx: PlanContext) -> None: ...
 
@@ -154,7 +155,8 @@ class Tuner:
     shared_keys: tuple[str, ...] = ()        # model-level tensors (not per module), e.g. VeRA's projections
     refused_roles: Mapping[str, str] = field(default_factory=dict)   # role -> why it cannot be merged
     # modules taken out of per-module planning before the layout is chosen (LoRA's target_parameters)
-    claim: Callable[[dict[str, ModuleKeys], Adapter, Mapping[str, TensorInfo], str, ProblemSink], list[Claim]] | None = None
+    claim: Callable[[dict[str, ModuleKeys], Adapter, Mapping[str, TensorInfo], str, ProblemSink],
+                    Sequence[Claim]] | None = None
     check_config: Callable[[Path, Mapping[str, Any]], None] | None = None
     check_keys: Callable[[dict[str, ModuleKeys], Adapter, ProblemSink], None] | None = None
     # a module transformers cuts out of a fused disk tensor (None: such modules are refused for this type)

@@ -69,14 +69,17 @@ class LoraExperts(Op):
             ex = row // d1
             stop = min(r1, (ex + 1) * d1)
             a_e, b_e = a[ex * r:(ex + 1) * r], b[:, ex::self.experts]
-            if self.transpose:  # stored [in, out]: row i of (B_e @ A_e)^T
-                pair = ref.pair((self, ex), lambda: (a_e.T, b_e.T))
-            else:
-                pair = ref.pair((self, ex), lambda: (b_e, a_e))
+            # stored [in, out]: row i of (B_e @ A_e)^T
+            left, right = (a_e.T, b_e.T) if self.transpose else (b_e, a_e)
+            pair = ref.pair((self, ex), _given(left, right))
             add_product(x[row - r0:stop - r0], e[row - r0:stop - r0], pair, row - ex * d1, stop - ex * d1,
                         self.scale, ref.ws)
             row = stop
         return x, e
+
+
+def _given(left: Tensor, right: Tensor) -> Callable[[], tuple[Tensor, Tensor]]:
+    return lambda: (left, right)
 
 
 class _Prepared(Prepared):
@@ -215,7 +218,7 @@ class FusedParam:
         if rows * len(parts) != out_dim:
             problems.add(f"{where}: lora_B has {out_dim} rows, not divisible into {', '.join(parts)}")
             return
-        if E != self.disk.shape[0]:
+        if self.disk.shape[0] != E:
             problems.add(f"{where}: LoRA factors for {E} experts, the base has {self.disk.shape[0]} "
                          f"({self.module}.N.{parts[0]}.weight)")
             return
@@ -309,7 +312,7 @@ def _registration_order(root: str, pairs: dict[int, ModuleKeys], params: dict[st
         if len(w) == 2:
             return experts == 1 and io == w
         transposed_ok = on_disk.family == "fused"  # [E, in, out] exists only fused on disk (GPT-OSS, qwen3_vl_moe)
-        return len(w) == 3 and w[0] == experts and (io == w[1:] or transposed_ok and io[::-1] == w[1:])
+        return len(w) == 3 and w[0] == experts and (io == w[1:] or (transposed_ok and io[::-1] == w[1:]))
 
     n = len(params)
     if n > MAX_NESTED:

@@ -76,7 +76,8 @@ def plan_module(m: ModuleKeys, ctx: PlanContext) -> None:
         ctx.problems.add(f"{m.name}: LoHa rank {r} but adapter_config.json says r={ctx.config.resolve_r(m.name)}")
         return
     scale = ctx.config.resolve_alpha(m.name) / r
-    t.ops.append(LohaRows(*(m.roles[k] for k in _FACTORS), scale, m.name))
+    w1a, w1b, w2a, w2b = (m.roles[k] for k in _FACTORS)
+    t.ops.append(LohaRows(w1a, w1b, w2a, w2b, scale, m.name))
 
 
 ROLES = (

@@ -164,7 +164,8 @@ def plan_module(m: ModuleKeys, ctx: PlanContext) -> None:
     roles, problems = m.roles, ctx.problems
     if "tokens" in roles:
         tokens.plan_tokens(m, ctx)
-    pair = ("A", "B") if {"A", "B"} & roles.keys() else ("emb_A", "emb_B") if {"emb_A", "emb_B"} & roles.keys() else None
+    pair = (("A", "B") if {"A", "B"} & roles.keys() else
+            ("emb_A", "emb_B") if {"emb_A", "emb_B"} & roles.keys() else None)
     if pair is None:
         for role in ("magnitude", "lora_bias"):
             if role in roles:
@@ -263,7 +264,7 @@ def plan_part(m: ModuleKeys, part: FusedPart, ctx: PlanContext) -> None:
 def linear_kind(name: str, a: tuple[int, ...], b: tuple[int, ...], w: tuple[int, ...], model_type: str,
                 fan_in_fan_out: bool) -> str | None:
     """'rows' for [out, in] weights, 'cols' for Conv1D [in, out], 'grouped' for grouped convs, None if no fit."""
-    if len(a) < 2 or len(b) < 2 or b[1] != a[0] and len(w) <= 2:
+    if len(a) < 2 or len(b) < 2 or (b[1] != a[0] and len(w) <= 2):
         return None
     r = a[0]
     if len(w) > 2:  # ConvNd: A [r, in, *k], B [out, r/groups, 1...]

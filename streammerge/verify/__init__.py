@@ -14,6 +14,7 @@ through the same strict header reader as a base, so a damaged header is caught a
 from __future__ import annotations
 
 import filecmp
+import functools
 import json
 import random
 from collections.abc import Callable
@@ -175,7 +176,7 @@ def verify(
                     continue
                 # checked rows' pages are released as it goes, so the process does not grow by the model's size
                 check = _check_tensor(t, merged_reader.tensor(got), sources, ws, sample_blocks, rng, block_bytes,
-                                      release=lambda a, b, got=got: merged_reader.release(got, a, b))
+                                      release=functools.partial(merged_reader.release, got))
                 sources.tensor_done()
                 report.checks.append(check)
                 if check.max_ulps:
@@ -290,7 +291,8 @@ def _where_exact(have: torch.Tensor, want: torch.Tensor, r0: int) -> str:
     bad = have.contiguous().view(ints).reshape(-1) != want.contiguous().view(ints).reshape(-1)
     flat = int(bad.nonzero()[0][0]) if bool(bad.any()) else 0
     i, j = divmod(flat, have.shape[1] if have.dim() > 1 else 1)
-    return f"row {r0 + i}, column {j}: merged {have.reshape(-1)[flat].item()!r}, expected {want.reshape(-1)[flat].item()!r}"
+    got, exp = have.reshape(-1)[flat].item(), want.reshape(-1)[flat].item()
+    return f"row {r0 + i}, column {j}: merged {got!r}, expected {exp!r}"
 
 
 def _check_metadata(out: Checkpoint) -> list[str]:
@@ -315,6 +317,11 @@ def _check_side_files(files: dict[str, Path], merged_dir: Path) -> list[str]:
     return problems
 
 
+def _dtype_name(choice: str) -> str | None:
+    out = OUT_DTYPES[choice]
+    return DTYPE_NAMES[out] if out is not None else None
+
+
 def _check_config(base_dir: Path, merged_dir: Path, updates: dict, choices: list[str]) -> list[str]:
     """config.json must be exactly what the merge writes for one of the --dtype `choices`."""
     src = base_dir / "config.json"
@@ -329,8 +336,7 @@ def _check_config(base_dir: Path, merged_dir: Path, updates: dict, choices: list
         return [f"merged config.json is not valid JSON ({e})"]
     base_config = read_base_config(base_dir)
     # what merge._write_output_config writes: the dtype named for bf16/f16/f32, the base's left as it is for auto
-    wants = [output_config(base_config, DTYPE_NAMES[OUT_DTYPES[c]] if OUT_DTYPES[c] else None, updates)
-             for c in choices]
+    wants = [output_config(base_config, _dtype_name(c), updates) for c in choices]
     differences = [_config_differences(want, have) for want in wants]
     return [] if any(not d for d in differences) else min(differences, key=len)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,7 +39,7 @@ class Sources:
 
     def __init__(self, adapter: Adapter) -> None:
         self.adapter = adapter
-        self._files: dict[Path, object] = {}
+        self._files: dict[Path, Any] = {}
         self._read: dict[Path, int] = {}
         self._factors: dict[str, Tensor] = {}
 
@@ -137,7 +138,11 @@ class TensorReference:
         # copies, casts, replacements and trainable-token rows involve no arithmetic: the output must be the
         # source value rounded once, bit for bit
         self.exact = not any(op.arithmetic for op in t.ops)
-        src_dtype = (src.adapter.dtypes[t.replacement] if t.replacement is not None else t.base.torch_dtype)
+        if t.replacement is not None:
+            src_dtype = src.adapter.dtypes[t.replacement]
+        else:
+            assert t.base is not None
+            src_dtype = t.base.torch_dtype
         # the merge computes in a float32 copy of the source: a float64 source is rounded on the way in
         self._source_rounding = U32 if src_dtype == F64 and not self.exact else 0.0
         self._col_norms: dict[int, tuple[Tensor, Tensor]] = {}
@@ -175,6 +180,7 @@ class TensorReference:
         if t.replacement is not None:
             key = t.replacement
             return self.src.adapter_rows(key, self.src.adapter.shapes[key], self.per_index, self.cols, r0, r1)
+        assert t.base is not None
         return self.src.base_rows(t.base, self.per_index, self.cols, r0, r1)
 
     def block_exact(self, r0: int, r1: int) -> Tensor:

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from streammerge.adapter import Adapter, load_adapter_config
-from streammerge.io.checkpoint import Checkpoint
-from streammerge.io.safetensors import TensorInfo
 from streammerge.errors import PlanError
+from streammerge.io.checkpoint import Checkpoint
 from streammerge.io.formats import ITEMSIZE
+from streammerge.io.safetensors import TensorInfo
 from streammerge.plan import build_plan
 from streammerge.tuners.dora import DoraRows
 from streammerge.tuners.experts import LoraExperts
@@ -39,7 +39,7 @@ def adapter(root: Path, shapes: dict[str, tuple[int, ...]], **config) -> Adapter
     (root / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, **config}))
     keys = {f"base_model.model.{k}": s for k, s in shapes.items()}
     return Adapter(root, load_adapter_config(root), root / "adapter_model.safetensors", keys,
-                   {k: torch.float32 for k in keys})
+                   dict.fromkeys(keys, torch.float32))
 
 
 def lora(module: str, out: int, inp: int, r: int = 4) -> dict[str, tuple[int, ...]]:

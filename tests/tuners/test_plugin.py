@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 
+import helpers_tiny as ht
 import pytest
 import torch
-from safetensors.torch import save_file
-
-import helpers_tiny as ht
 import toy_scale
 from oracle import read_checkpoint
+from safetensors.torch import save_file
+
 from streammerge import merge, tuners
 from streammerge.errors import PlanError
 from streammerge.verify import verify

@@ -1,4 +1,4 @@
-"""Crash safety (issue 5.2): a real merge subprocess is SIGKILLed at several points; nothing at --output ever looks
+"""Crash safety: a real merge subprocess is SIGKILLed at several points; nothing at --output ever looks
 complete (or a pre-existing output is untouched), and re-running the same command succeeds and verifies. A second
 merge into the same output while one runs is refused by the lock."""
 
@@ -12,9 +12,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import helpers_tiny as ht
 import pytest
 
-import helpers_tiny as ht
 from streammerge.io.output import STAGING_TAG
 from streammerge.verify import verify
 
@@ -83,7 +83,7 @@ def test_kill9_at_several_points_then_rerun(mid, tmp_path):
     cmd = _cmd(base, adapter, out)
     n = _planned_shards(base, adapter)
     assert n >= 6
-    # moments defined by what is on disk (reliable on any machine), then by the clock as the issue lists them
+    # moments defined by what is on disk (reliable on any machine), then by the clock
     points = [
         ("staging dir created", lambda: bool(_staging(out))),
         ("first shard being written", _shards_in_staging(out, 1)),

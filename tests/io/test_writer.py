@@ -15,13 +15,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import streammerge.io.writer as writer_mod
+from streammerge.errors import OutputError, StreamMergeError
 from streammerge.io.checkpoint import open_checkpoint
 from streammerge.io.formats import DTYPES, TORCH_TO_ST
 from streammerge.io.safetensors import read_header
-from streammerge.errors import OutputError, StreamMergeError
-from streammerge.options import parse_size
 from streammerge.io.sharding import PlannedTensor, header_bytes, plan_shards, shard_file_names, write_index
 from streammerge.io.writer import ShardWriter, WriterStateError
+from streammerge.options import parse_size
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:

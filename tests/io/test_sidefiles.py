@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 import helpers_tiny as ht
 import oracle
+import pytest
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def pair(tmp_path_factory):
 def test_adapter_tokenizer_replaces_the_base_tokenizer_as_a_set(pair, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    root, base, adapter = pair
+    _root, base, adapter = pair
     ad = tmp_path / "adapter"
     ad.mkdir()
     for f in adapter.iterdir():
@@ -57,7 +56,7 @@ def test_adapter_tokenizer_replaces_the_base_tokenizer_as_a_set(pair, tmp_path, 
 
 def test_a_stray_template_alone_is_overlaid(pair, tmp_path, capsys):
     """An adapter with only a chat template (no tokenizer) keeps the base's tokenizer and adds the template."""
-    root, base, adapter = pair
+    _root, base, adapter = pair
     ad = tmp_path / "adapter"
     ad.mkdir()
     for f in adapter.iterdir():
@@ -74,7 +73,7 @@ def test_a_stray_template_alone_is_overlaid(pair, tmp_path, capsys):
 def test_chat_template_kept_unless_the_adapter_brings_one(pair, tmp_path, capsys):
     """The template is not vocabulary: a base chat_template.jinja stays when the adapter's tokenizer has none,
     and goes when the adapter's tokenizer_config.json carries its own (the base file would override it)."""
-    root, base, adapter = pair
+    _root, base, adapter = pair
     base2 = tmp_path / "base"
     base2.mkdir()
     for f in base.iterdir():

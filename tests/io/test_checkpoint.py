@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from streammerge.errors import CheckpointError, MissingFileError
 from streammerge.io.checkpoint import Checkpoint, open_checkpoint
 from streammerge.io.formats import DTYPES, ITEMSIZE, TORCH_TO_ST
 from streammerge.io.reader import TensorReader
 from streammerge.io.safetensors import TensorInfo, read_header
-from streammerge.errors import CheckpointError, MissingFileError
 
 # ------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -63,7 +63,7 @@ def sharded_model(root: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     weight_map = {}
     for file, keys in shards.items():
         save_file({k: tensors[k] for k in keys}, str(root / file), metadata={"format": "pt"})
-        weight_map.update({k: file for k in keys})
+        weight_map.update(dict.fromkeys(keys, file))
     write_index(root, weight_map)
     return tensors, weight_map
 
@@ -339,7 +339,7 @@ def test_open_single_file(tmp_path):
 
 
 def test_open_sharded_order_and_paths(tmp_path):
-    tensors, weight_map = sharded_model(tmp_path)
+    _tensors, weight_map = sharded_model(tmp_path)
     ckpt = open_checkpoint(tmp_path)
     assert ckpt.index_path == tmp_path / "model.safetensors.index.json"
     assert ckpt.files == (tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors")
@@ -399,7 +399,7 @@ def test_index_symlink_escaping_root_is_refused(tmp_path):
 
 
 def test_index_errors(tmp_path):
-    tensors, weight_map = sharded_model(tmp_path)
+    _tensors, weight_map = sharded_model(tmp_path)
     first, second = sorted(set(weight_map.values()))
     idx = tmp_path / "model.safetensors.index.json"
 

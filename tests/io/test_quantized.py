@@ -16,12 +16,12 @@ import shutil
 import struct
 from pathlib import Path
 
+import helpers_tiny as ht
 import pytest
 import torch
+import variant_helpers as vh
 from safetensors.torch import load_file, save_file
 
-import helpers_tiny as ht
-import variant_helpers as vh
 from streammerge.io.checkpoint import open_checkpoint
 from streammerge.io.quantized import detect
 
@@ -122,7 +122,7 @@ def _bnb_real(src: Path, dst: Path, kind: str) -> Path:
 def _has_bnb() -> bool:
     try:
         import bitsandbytes  # noqa: F401
-    except Exception:  # noqa: BLE001 - not installed, or installed without a usable backend
+    except Exception:
         return False
     return True
 
@@ -162,7 +162,7 @@ def test_bnb_base_with_lm_head_lora_is_refused(bnb_base, head_lora, tmp_path, ca
 
 
 def test_bnb_attention_lora_is_refused_as_quantized_too(bnb_base, attn_lora, tmp_path, capsys):
-    kind, base = bnb_base
+    _kind, base = bnb_base
     err = _refused(base, attn_lora, tmp_path / "out", capsys)
     assert "quantized (bitsandbytes" in err
 

@@ -1,4 +1,4 @@
-"""Issue 3, item 6: MoE experts (spec §12).
+"""MoE experts (spec §12).
 
 (i) transformers 5 loads Mixtral / Qwen-MoE experts as fused 3-D parameters (`mlp.experts.gate_up_proj`
 [E, 2I, H], `down_proj` [E, H, I]) but the checkpoints on disk — and what transformers 5 writes — are per expert
@@ -18,11 +18,10 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 import variant_helpers as vh
 from conftest import run_merge
 from oracle import checkpoint_keys, read_checkpoint, ulp_diff
+from safetensors.torch import save_file
 
 E = 3
 MOE = {

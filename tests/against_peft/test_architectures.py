@@ -1,4 +1,4 @@
-"""Issue 3, items 7/8: checkpoint layouts (spec §14) and other architectures, each against PEFT.
+"""Checkpoint layouts (spec §14) and other architectures, each against PEFT.
 
 Layouts: adapters carry *module* names of the class they were trained on; transformers 5 writes the legacy
 on-disk names (LLaVA `language_model.model.*`, Qwen2-VL `model.*` + `visual.*`, Mixtral `block_sparse_moe`).
@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
 import variant_helpers as vh
 from conftest import run_merge
 from oracle import checkpoint_keys, read_adapter_tensors, read_checkpoint
+from transformers import AutoModel, AutoModelForSeq2SeqLM
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +125,7 @@ def test_mixtral_mlp_to_block_sparse_moe(wd):
 def test_t5_encoder_decoder(wd):
     base = vh.build_base("t5", wd / "t5", cls=AutoModelForSeq2SeqLM, vocab_size=128, d_model=32, d_ff=64,
                          num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=16, decoder_start_token_id=0)
-    assert set(k for k in checkpoint_keys(base) if "embed" in k or k in ("shared.weight", "lm_head.weight")) == \
+    assert {k for k in checkpoint_keys(base) if "embed" in k or k in ("shared.weight", "lm_head.weight")} == \
         {"shared.weight"}, "setup: tied T5 stores only shared.weight"
     model = vh.load_causal(base, cls=AutoModelForSeq2SeqLM)
     ad = vh.save_adapter(model, wd / "ad-t5", task_type="SEQ_2_SEQ_LM", target_modules=["q", "v"])

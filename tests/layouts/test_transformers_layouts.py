@@ -16,11 +16,11 @@ import shutil
 
 import pytest
 import torch
-
-import streammerge
 import variant_helpers as vh
 from blocked_imports import run_blocked
 from oracle import read_checkpoint
+
+import streammerge
 from streammerge.errors import UnsupportedError
 
 pytest.importorskip("transformers")
@@ -100,7 +100,7 @@ def test_merges_like_peft_with_transformers(legacy, wd):
 
 
 def test_without_transformers_the_error_says_to_install_it(legacy, tmp_path):
-    model_type, base, adapter = legacy
+    _model_type, base, adapter = legacy
     out = tmp_path / "out"
     r = run_blocked(["-m", "streammerge", "--base", base, "--adapter", adapter, "--output", out], tmp_path,
                     ("transformers",))

@@ -1,4 +1,4 @@
-"""Issue 3, items 1/2/3/5: DoRA, embedding LoRA, full replacements, lora_bias — each against PEFT.
+"""DoRA, embedding LoRA, full replacements, lora_bias — each against PEFT.
 
 Oracle: PEFT's merge_and_unload on the base loaded in float32, rounded once to bf16 (see variant_helpers).
 PEFT on a bf16 base rounds embeddings twice (spec §4); where that matters it is pointed out and also bounded.
@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-
 import variant_helpers as vh
 from conftest import run_merge
 from oracle import read_adapter_tensors, read_checkpoint, ulp_diff
@@ -67,7 +66,7 @@ def test_dora_magnitude_matters(wd, llama):
     """Same A/B, magnitude scaled x2 for one module: the merged rows must scale x2 (norm per row)."""
     ad = vh.save_adapter(vh.load_causal(llama), wd / "ad-dora-m", use_dora=True, target_modules=["q_proj"],
                          mutate=lambda pm: vh.perturb(pm, _is_mag, multiplicative=True))
-    out, out_t, base_t, ref = _merge_and_compare(wd, "dora-m", llama, ad,
+    _out, out_t, base_t, _ref = _merge_and_compare(wd, "dora-m", llama, ad,
                                                  {"model.layers.0.self_attn.q_proj.weight"})
     # independent formula of spec §8: m / ||W + dW||_row * (W + dW)
     sd = read_adapter_tensors(ad)
@@ -104,7 +103,7 @@ def test_embedding_lora_untied_llama(wd, llama):
     ad = vh.save_adapter(vh.load_causal(llama), wd / "ad-emb", target_modules=["embed_tokens"])
     sd = read_adapter_tensors(ad)
     assert "base_model.model.model.embed_tokens.lora_embedding_A" in sd
-    out, out_t, base_t, ref = _merge_and_compare(wd, "emb", llama, ad, {"model.embed_tokens.weight"})
+    _out, out_t, base_t, _ref = _merge_and_compare(wd, "emb", llama, ad, {"model.embed_tokens.weight"})
     # PEFT on a bf16 base rounds the embedding delta to bf16 first (double rounding, spec §4/§6), so it is
     # not the oracle; it may differ by one rounding of the delta plus one of the sum -- never more.
     peft_bf16 = vh.peft_merged(llama, ad, dtype=torch.bfloat16).state_dict()["model.embed_tokens.weight"].float()
@@ -317,7 +316,7 @@ def test_resized_vocab_with_embedding_lora(wd):
     def prepare(m):
         m.resize_token_embeddings(136)
 
-    out, out_t, _, _ = _merge_and_compare(wd, "resize-emb", base, ad,
+    out, _out_t, _, _ = _merge_and_compare(wd, "resize-emb", base, ad,
                                           {"model.embed_tokens.weight", "lm_head.weight"}, prepare=prepare)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 136
 

@@ -16,16 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import oracle
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-import oracle
-from conftest import CAUSAL_TYPES, copy_dir, gpt2_overrides, run_merge
+from conftest import CAUSAL_TYPES, copy_dir, run_merge
 from oracle import (
     INDEX,
-    adapter_modules,
     bit_equal,
     checkpoint_keys,
     config_dtype_fields,
@@ -35,6 +31,8 @@ from oracle import (
     tree_snapshot,
     ulp_diff,
 )
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 INPUT_IDS = torch.randint(3, oracle.VOCAB, (2, 12), generator=torch.Generator().manual_seed(7))
 

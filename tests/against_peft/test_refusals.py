@@ -1,4 +1,4 @@
-"""Issue 3, item 9: what cannot be merged correctly is refused (spec §2.3, §13, §15).
+"""What cannot be merged correctly is refused (spec §2.3, §13, §15).
 
 Each refusal: UnsupportedError (exit code 5), a message naming the feature, and nothing written — not the
 output folder, not a staging folder next to it. Unknown config keys only warn.
@@ -6,7 +6,6 @@ output folder, not a staging folder next to it. Unknown config keys only warn.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
@@ -14,7 +13,6 @@ import sys
 
 import pytest
 import torch
-
 import variant_helpers as vh
 from conftest import REPO, run_merge
 from oracle import read_checkpoint
@@ -68,7 +66,7 @@ def _real_adapter(wd, base, kind):
     return d if d.exists() else vh.other_peft_adapter(base, d, kind)
 
 
-@pytest.mark.parametrize("kind", ["OFT"])  # LoHa, LoKr, IA3 and VeRA merge: test_variants.py item 10
+@pytest.mark.parametrize("kind", ["OFT"])  # LoHa, LoKr, IA3 and VeRA merge: against_peft/test_variants.py item 10
 def test_refuses_other_peft_types(wd, base, kind, tmp_path):
     _expect_refusal(base, _real_adapter(wd, base, kind), tmp_path / "out", kind)
 

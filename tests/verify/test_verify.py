@@ -1,19 +1,17 @@
-"""`streammerge verify` (issue 5.3): recompute base + adapter, compare in ulps per tensor, report missing/extra
+"""`streammerge verify`: recompute base + adapter, compare in ulps per tensor, report missing/extra
 tensors and config problems, and catch a single corrupted byte anywhere in an output shard."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import struct
 from pathlib import Path
 
+import helpers_tiny as ht
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import helpers_tiny as ht
 from streammerge.errors import VerifyError
 from streammerge.verify import ulp_distance, verify
 
@@ -96,7 +94,7 @@ def test_clean_merge_verifies(capsys, pair, merged):
 
 def test_sharded_merge_verifies(capsys, pair, merged_sharded):
     assert len(list(merged_sharded.glob("*.safetensors"))) > 2
-    rc, out, err = run_verify(capsys, pair, merged_sharded)
+    rc, _out, err = run_verify(capsys, pair, merged_sharded)
     assert rc == 0, err
 
 
@@ -106,7 +104,7 @@ def test_flipped_data_byte_detected(capsys, pair, merged, which, offset):
     shard = merged / "model.safetensors"
     b, e = _tensor_span(shard, which)
     _flip(shard, b + offset if offset >= 0 else e + offset)
-    out, line = assert_verify_fails(capsys, pair, merged, which, "ulp")
+    _out, line = assert_verify_fails(capsys, pair, merged, which, "ulp")
     assert "differs by up to" in line
 
 
@@ -139,7 +137,7 @@ def test_sign_flip_of_zero_detected(pair, merged, tmp_path):
 def test_flipped_byte_in_sharded_output(capsys, pair, merged_sharded):
     shards = sorted(merged_sharded.glob("model-*.safetensors"))
     victim = shards[len(shards) // 2]
-    header, n = ht.read_raw_header(victim)
+    header, _n = ht.read_raw_header(victim)
     name = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][1])
     b, e = _tensor_span(victim, name)
     _flip(victim, (b + e) // 2)
@@ -167,7 +165,7 @@ def test_missing_output_shard_detected(capsys, pair, merged_sharded):
 def test_sampled_verify_checks_fewer_rows_and_catches_edges(capsys, pair, tmp_path):
     import streammerge
 
-    base, adapter = pair
+    _base, _adapter = pair
     big = ht.make_base(tmp_path / "big", hidden=64, inter=128, vocab=40000)  # embed: 40000 rows, 4 blocks
     ad = ht.make_adapter(tmp_path / "ad", big)
     out = tmp_path / "out"
@@ -180,7 +178,7 @@ def test_sampled_verify_checks_fewer_rows_and_catches_edges(capsys, pair, tmp_pa
     shard = out / "model.safetensors"
     _, e = _tensor_span(shard, EMBED)
     _flip(shard, e - 1)
-    rc, o, err = ht.run_cli(["verify", "--base", big, "--adapter", ad, "--merged", out, "--sample", "1"], capsys)
+    rc, _o, err = ht.run_cli(["verify", "--base", big, "--adapter", ad, "--merged", out, "--sample", "1"], capsys)
     assert rc == VERIFY_FAILED and EMBED in err, err
 
 
@@ -190,7 +188,7 @@ def test_missing_and_extra_tensors(capsys, pair, merged):
     del t["model.norm.weight"]
     t["model.extra.weight"] = torch.zeros(3, dtype=torch.bfloat16)
     save_file(t, str(shard), metadata={"format": "pt"})
-    _, line = assert_verify_fails(capsys, pair, merged, "missing tensor model.norm.weight",
+    _, _line = assert_verify_fails(capsys, pair, merged, "missing tensor model.norm.weight",
                                   "unexpected tensor model.extra.weight")
 
 
@@ -220,7 +218,7 @@ def test_side_file_not_copied(capsys, pair, merged):
 
 
 def test_merged_folder_missing(capsys, pair, tmp_path):
-    rc, out, err = run_verify(capsys, pair, tmp_path / "nothing")
+    rc, _out, err = run_verify(capsys, pair, tmp_path / "nothing")
     assert rc == INPUT and "nothing" in err and "Traceback" not in err, err
 
 
@@ -230,7 +228,7 @@ def test_other_output_dtypes_verify(capsys, pair, tmp_path, dtype):
 
     out = tmp_path / dtype
     streammerge.merge(*pair, out, dtype=dtype)
-    rc, o, err = run_verify(capsys, pair, out)
+    rc, _o, err = run_verify(capsys, pair, out)
     assert rc == 0, err
 
 
@@ -256,7 +254,7 @@ def test_merge_with_verify_flag_reports_failure(capsys, pair, tmp_path, monkeypa
 
     monkeypatch.setattr(verify_mod, "verify", corrupt_then_verify)
     base, adapter = pair
-    rc, o, err = ht.run_cli(["--base", base, "--adapter", adapter, "--output", tmp_path / "m", "--verify"], capsys)
+    rc, _o, err = ht.run_cli(["--base", base, "--adapter", adapter, "--output", tmp_path / "m", "--verify"], capsys)
     assert rc == VERIFY_FAILED and Q0 in err and "Traceback" not in err, err
 
 

@@ -1,4 +1,4 @@
-"""Issue 3 item 7: when no built-in layout places the adapter, the base's own transformers renamings do.
+"""When no built-in layout places the adapter, the base's own transformers renamings do.
 
 A BERT checkpoint with legacy `LayerNorm.gamma` / `LayerNorm.beta` names (TF-ported checkpoints have them;
 transformers renames them to weight/bias on load) and a PEFT adapter saved with bias="all": its keys use module
@@ -11,11 +11,11 @@ import json
 
 import pytest
 import torch
+from oracle import ulp_diff
 from safetensors.torch import load_file, save_file
 
 import streammerge
 from streammerge.errors import PlanError
-from oracle import ulp_diff
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")

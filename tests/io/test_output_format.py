@@ -4,15 +4,13 @@ quantization_config, safetensors metadata."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
-import pytest
-import torch
-from safetensors import safe_open
 
 import oracle
+import pytest
+import torch
 from conftest import copy_dir, run_merge
 from oracle import INDEX, config_dtype_fields, read_checkpoint, read_output, tree_snapshot
+from safetensors import safe_open
 
 WEIGHT_FILES = {"model.safetensors", INDEX}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

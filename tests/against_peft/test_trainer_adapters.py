@@ -20,12 +20,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 import variant_helpers as vh
 from conftest import run_merge
 from helpers_tiny import run_cli, tree_digest
 from oracle import read_checkpoint, ulp_diff
+from safetensors.torch import load_file, save_file
 
 VOCAB = 96
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -17,14 +17,14 @@ import json
 import shutil
 from pathlib import Path
 
+import helpers_tiny as ht
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-import helpers_tiny as ht
 import variant_helpers as vh
 from conftest import run_merge
 from oracle import read_adapter_tensors, read_checkpoint
+from safetensors.torch import load_file, save_file
+
 from streammerge.verify import verify
 
 VERIFY_FAILED, USAGE = 9, 2

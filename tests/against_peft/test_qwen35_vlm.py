@@ -14,10 +14,9 @@ What transformers 5.24 does (checked by test_on_disk_and_module_names):
 
 from __future__ import annotations
 
+import oracle
 import pytest
 import torch
-
-import oracle
 from conftest import run_merge
 from oracle import adapter_modules, bit_equal, checkpoint_keys, read_checkpoint, read_output, ulp_diff
 

@@ -8,9 +8,9 @@ import hashlib
 import os
 from pathlib import Path
 
+import helpers_tiny as ht
 import pytest
 
-import helpers_tiny as ht
 from streammerge.errors import HubError
 from streammerge.io.hub import resolve
 
@@ -155,7 +155,7 @@ def test_missing_repo_is_one_line_hub_error(capsys, local, offline, tmp_path):
 
 
 def test_missing_adapter_repo_names_the_adapter(capsys, local, offline, tmp_path):
-    rc, o, err = _merge(capsys, "tiny-org/tiny-base", "tiny-org/lora-not-cached", tmp_path / "out")
+    rc, _o, err = _merge(capsys, "tiny-org/tiny-base", "tiny-org/lora-not-cached", tmp_path / "out")
     assert rc == HUB_ERROR and "tiny-org/lora-not-cached" in err and "--adapter" in err, err
 
 

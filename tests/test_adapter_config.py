@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import helpers_tiny as ht
 import pytest
 import torch
-
-import helpers_tiny as ht
 import variant_helpers as vh
 from oracle import read_adapter_tensors
+
 from streammerge.lineage import base_mismatch
 
 
@@ -51,7 +51,7 @@ def _peft_load(base, adapter):
 @pytest.mark.parametrize("field", ["lora_alpha", "r", "rank_pattern", "alpha_pattern"])
 def test_null_field_is_refused_as_peft_refuses_it(wd, llama, lora, tmp_path, capsys, field):
     ad = _copy(lora, tmp_path / "ad", **{field: None})
-    with pytest.raises(Exception):  # noqa: B017 - PEFT fails with TypeError/AttributeError: the point is that it fails
+    with pytest.raises(Exception):
         _peft_load(llama, ad)
     code, _, err = ht.run_cli(["--base", llama, "--adapter", ad, "--output", tmp_path / "out"], capsys)
     assert code == 3, err
@@ -132,7 +132,7 @@ def test_what_counts_as_another_base(recorded, base, expect, tmp_path):
 def test_qlora_twin_warns_once_and_merges(tmp_path, capsys):
     base = ht.make_base(tmp_path / "base")
     ad = ht.make_adapter(tmp_path / "ad", base, base_model_name_or_path="unsloth/llama-3-8b-Instruct-bnb-4bit")
-    code, out, err = ht.run_cli(["--base", base, "--adapter", ad, "--output", tmp_path / "out"], capsys)
+    code, _out, err = ht.run_cli(["--base", base, "--adapter", ad, "--output", tmp_path / "out"], capsys)
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1, err

@@ -1,4 +1,4 @@
-"""Issue 3, item 4: tied input/output embeddings (spec §11) — correct where PEFT is not.
+"""Tied input/output embeddings (spec §11) — correct where PEFT is not.
 
 A tied checkpoint (tiny qwen2, tie_word_embeddings=True) stores only `model.embed_tokens.weight` (= E).
 The *unmerged* PEFT model is what was trained, so it is the oracle; PEFT's own merge writes one shared tensor
@@ -12,11 +12,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
 import variant_helpers as vh
 from conftest import run_merge
 from oracle import checkpoint_keys, read_adapter_tensors, read_checkpoint, ulp_diff
+from transformers import AutoModelForCausalLM
 
 E_KEY = "model.embed_tokens.weight"
 H_KEY = "lm_head.weight"
@@ -134,13 +133,13 @@ def test_f_trainable_tokens_on_tied_embedding(wd, base):
     """Trainable tokens on a tied embedding: PEFT ties the lm_head wrapper to the same rows, so the new rows
     are used in and out; the output may stay tied (or untie with identical tensors) — logits decide."""
     idx = [3, 9, 100]
-    ad, out, out_t, E = _run(wd, base, "tok", target_modules=["q_proj"], trainable_token_indices=idx,
+    ad, out, out_t, _E = _run(wd, base, "tok", target_modules=["q_proj"], trainable_token_indices=idx,
                              mutate=lambda pm: vh.perturb(pm, lambda n: "trainable_tokens_delta" in n))
     saved = read_adapter_tensors(ad)["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
     assert torch.equal(out_t[E_KEY][idx], saved.to(torch.bfloat16))
     if H_KEY in out_t:
         assert torch.equal(out_t[H_KEY], out_t[E_KEY])
-    err_ours, err_peft, scale = _logit_errors(base, ad, out)
+    err_ours, _err_peft, scale = _logit_errors(base, ad, out)
     assert err_ours <= 2e-2 * scale, (err_ours, scale)
 
 
