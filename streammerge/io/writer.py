@@ -67,18 +67,29 @@ def _as_bytes(data: torch.Tensor | bytes | bytearray | memoryview) -> memoryview
 
 
 class ShardWriter:
-    """Writes one safetensors file: header at construction, then each tensor's bytes in `order`."""
+    """Writes one safetensors file: header at construction, then each tensor's bytes in `order`.
+
+    With `any_order`, tensors may come in any order (each one's own bytes still in order): they are written at
+    their planned offsets, so a caller can compute them in the order it reads its sources, or write a tensor
+    whose bytes come before another's in the file after it.
+    """
 
     def __init__(
         self, path: Path, tensors: Sequence[PlannedTensor], metadata: Mapping[str, str] | None = DEFAULT_METADATA,
-        *, writeback: bool = False,
+        *, writeback: bool = False, any_order: bool = False,
     ) -> None:
         self.path = Path(path)
         self._wb = None
         header, self.order = header_bytes(tensors, metadata)
         self._index = {t.name: i for i, t in enumerate(self.order)}
         self._total = len(header) + sum(t.nbytes for t in self.order)
-        self._pos = 0  # bytes handed to the writer so far (buffered or written)
+        self.any_order = any_order
+        self._start = [len(header)]  # file offset of each tensor's data
+        for t in self.order[:-1]:
+            self._start.append(self._start[-1] + t.nbytes)
+        self._got = [0] * len(self.order)  # bytes of each tensor received
+        self._pos = 0  # bytes handed to the sequential stream so far (buffered or written)
+        self._high = 0  # end of the furthest bytes written to the file, for writeback
         self._cursor = 0  # index into order of the tensor being written
         self._done = 0  # bytes of order[cursor] received
         self._buf = bytearray()
@@ -102,10 +113,18 @@ class ShardWriter:
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
 
-    def _advance_to(self, name: str, nbytes: int, *, tensor_dtype: torch.dtype | None = None) -> None:
-        """Move the cursor to tensor `name` and check `nbytes` more bytes fit; raise before touching the file."""
+    def _advance_to(self, name: str, nbytes: int, *, tensor_dtype: torch.dtype | None = None) -> int:
+        """Check `nbytes` more bytes of tensor `name` may come now; returns the file offset they go to. Raises
+        before touching the file."""
         if self.state is not WriterState.OPEN:
             raise WriterStateError(f"{self.path}: cannot write tensor {name!r}: the writer is {self.state.value}")
+        if self.any_order:
+            if name not in self._index:
+                raise WriterStateError(f"{self.path}: tensor {name!r} is not planned for this shard")
+            i = self._index[name]
+            self._check_bytes(self.order[i], self._got[i], nbytes, tensor_dtype)
+            self._got[i] += nbytes
+            return self._start[i] + self._got[i] - nbytes
         # finished tensors (including zero-byte ones) are passed over implicitly
         while (
             self._cursor < len(self.order)
@@ -125,18 +144,24 @@ class ShardWriter:
                 f"{cur.nbytes - self._done} of {cur.nbytes} bytes; write tensors in .order"
             )
         cur = self.order[self._cursor]
-        if tensor_dtype is not None and tensor_dtype not in (DTYPES[cur.dtype], torch.uint8):
-            raise WriterStateError(f"{self.path}: tensor {name!r} is planned as {cur.dtype} but got {tensor_dtype}")
-        if self._done + nbytes > cur.nbytes:
-            raise WriterStateError(
-                f"{self.path}: tensor {name!r} got {self._done + nbytes} bytes but is planned as {cur.dtype}"
-                f"{list(cur.shape)} = {cur.nbytes} bytes"
-            )
+        self._check_bytes(cur, self._done, nbytes, tensor_dtype)
         self._done += nbytes
+        self._got[self._cursor] = self._done
+        return self._start[self._cursor] + self._done - nbytes
+
+    def _check_bytes(self, t: PlannedTensor, got: int, nbytes: int, tensor_dtype: torch.dtype | None) -> None:
+        if tensor_dtype is not None and tensor_dtype not in (DTYPES[t.dtype], torch.uint8):
+            raise WriterStateError(f"{self.path}: tensor {t.name!r} is planned as {t.dtype} but got {tensor_dtype}")
+        if got + nbytes > t.nbytes:
+            raise WriterStateError(
+                f"{self.path}: tensor {t.name!r} got {got + nbytes} bytes but is planned as {t.dtype}"
+                f"{list(t.shape)} = {t.nbytes} bytes"
+            )
 
     def _fail(self, exc: OSError) -> OutputError:
         self.state = WriterState.FAILED
-        return output_error(exc, self.path, self._total - self._pos)
+        # what is still to come: the header (if not yet out) and every tensor's missing bytes
+        return output_error(exc, self.path, self._total - min(self._pos, self._start[0]) - sum(self._got))
 
     def _write_all(self, view: memoryview) -> None:
         while view:
@@ -153,6 +178,17 @@ class ShardWriter:
             buf, self._buf = self._buf, bytearray()
             self._write_all(memoryview(buf))
 
+    def _pwrite_all(self, view: memoryview, at: int) -> None:
+        while view:
+            try:
+                n = os.pwrite(self._fd, view, at)
+            except InterruptedError:  # pragma: no cover
+                continue
+            except OSError as exc:
+                raise self._fail(exc) from None
+            view, at = view[n:], at + n
+        self._high = max(self._high, at)
+
     def _put(self, view: memoryview) -> None:
         if len(self._buf) + len(view) <= BUFFER_SIZE:
             self._buf += view
@@ -163,15 +199,19 @@ class ShardWriter:
             else:
                 self._write_all(view)  # tensor-sized data goes straight to the fd
         self._pos += len(view)
+        self._high = max(self._high, self._pos - len(self._buf))
 
     # -- public ---------------------------------------------------------------------------------------------------
 
     def write(self, name: str, data: torch.Tensor | bytes | bytearray | memoryview) -> None:
         """Append the next bytes of tensor `name` (a whole tensor or one row block of it)."""
         view = _as_bytes(data)
-        self._advance_to(name, len(view), tensor_dtype=data.dtype if isinstance(data, torch.Tensor) else None)
+        at = self._advance_to(name, len(view), tensor_dtype=data.dtype if isinstance(data, torch.Tensor) else None)
         if view:
-            self._put(view)
+            if at == self._pos:
+                self._put(view)
+            else:  # any_order: a tensor away from the end of the stream goes to its own place
+                self._pwrite_all(view, at)
             self._writeback()
 
     def _stop_writeback(self) -> None:
@@ -182,7 +222,7 @@ class ShardWriter:
     def _writeback(self) -> None:
         if self._wb is not None:
             try:
-                self._wb.advance(self._pos - len(self._buf))
+                self._wb.advance(self._high)
             except OSError as exc:
                 raise self._fail(exc) from None
 
@@ -190,7 +230,11 @@ class ShardWriter:
         """Append `nbytes` of tensor `name` copied straight from `src_fd` at `offset` (kernel-side when possible)."""
         if nbytes < 0 or offset < 0:
             raise ValueError(f"copy_from({name!r}): negative offset or size")
-        self._advance_to(name, nbytes)
+        at = self._advance_to(name, nbytes)
+        if at != self._pos:  # any_order: a tensor away from the end of the stream
+            self._copy_at(name, src_fd, offset, nbytes, at)
+            self._writeback()
+            return
         self._flush()
         done = 0
         done = self._copy_kernel(src_fd, offset, nbytes, done, name)
@@ -208,7 +252,39 @@ class ShardWriter:
             self._write_all(memoryview(chunk))
             done += len(chunk)
         self._pos += nbytes
+        self._high = max(self._high, self._pos)
         self._writeback()
+
+    def _copy_at(self, name: str, src_fd: int, offset: int, nbytes: int, at: int) -> None:
+        """Copy to file offset `at` without moving the stream: copy_file_range with both offsets, or pread/pwrite."""
+        done = 0
+        func = getattr(os, "copy_file_range", None)
+        while func is not None and done < nbytes:
+            try:
+                n = func(src_fd, self._fd, min(nbytes - done, 1 << 30), offset + done, at + done)
+            except InterruptedError:  # pragma: no cover
+                continue
+            except OSError as exc:
+                if exc.errno in _CONTIGUOUS_FALLBACK_ERRNOS and exc.errno not in _OUTPUT_ERRNOS:
+                    break
+                raise self._fail(exc) from None
+            if n == 0:
+                raise self._short_source(name, src_fd, offset + done)
+            done += n
+        while done < nbytes:
+            try:
+                chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), offset + done)
+            except OSError as exc:
+                self.state = WriterState.FAILED
+                raise CheckpointError(
+                    f"cannot read the source of tensor {name!r} (fd {src_fd}): {exc.strerror or exc}; "
+                    "check the base model files"
+                ) from None
+            if not chunk:
+                raise self._short_source(name, src_fd, offset + done)
+            self._pwrite_all(memoryview(chunk), at + done)
+            done += len(chunk)
+        self._high = max(self._high, at + nbytes)
 
     def _short_source(self, name: str, src_fd: int, at: int) -> CheckpointError:
         self.state = WriterState.FAILED
@@ -251,15 +327,12 @@ class ShardWriter:
             return
         if self.state is not WriterState.OPEN:
             raise WriterStateError(f"{self.path}: cannot close: the writer is {self.state.value}")
-        while self._cursor < len(self.order) and self._done == self.order[self._cursor].nbytes:
-            self._cursor += 1
-            self._done = 0
-        if self._cursor < len(self.order):
-            cur = self.order[self._cursor]
+        short = next(((t, got) for t, got in zip(self.order, self._got) if got != t.nbytes), None)
+        if short is not None:
             self.abort()
             raise WriterStateError(
-                f"{self.path}: tensor {cur.name!r} got {self._done} of its {cur.nbytes} bytes when the shard was "
-                "closed; the partial file was deleted"
+                f"{self.path}: tensor {short[0].name!r} got {short[1]} of its {short[0].nbytes} bytes when the shard "
+                "was closed; the partial file was deleted"
             )
         self._flush()
         try:

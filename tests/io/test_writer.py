@@ -461,3 +461,55 @@ def test_write_index_and_open_sharded_output(tmp_path):
         write_index(tmp_path / "i.json", shards, names[:-1])
     with pytest.raises(OutputError):
         write_index(tmp_path / "nodir" / "i.json", shards, names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# any_order: tensors in any order, each at its planned offset
+
+
+def _planned(tensors: dict[str, torch.Tensor]) -> list[PlannedTensor]:
+    return [PlannedTensor(n, TORCH_TO_ST[t.dtype], tuple(t.shape)) for n, t in tensors.items()]
+
+
+def test_any_order_writes_the_bytes_save_file_writes(tmp_path):
+    tensors = mixed_tensors()
+    ref = tmp_path / "ref.safetensors"
+    save_file(tensors, str(ref), metadata={"format": "pt"})
+    out = tmp_path / "out.safetensors"
+    with ShardWriter(out, _planned(tensors), any_order=True) as w:
+        for t in reversed(w.order):  # the file's last tensor first
+            rows = tensors[t.name].reshape(-1)
+            half = rows.numel() // 2
+            w.write(t.name, rows[:half])
+            w.write(t.name, rows[half:])
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_any_order_raw_copies_land_at_their_offsets(tmp_path):
+    tensors = mixed_tensors()
+    ref = tmp_path / "ref.safetensors"
+    save_file(tensors, str(ref), metadata={"format": "pt"})
+    infos, _ = read_header(ref)
+    out = tmp_path / "out.safetensors"
+    fd = os.open(ref, os.O_RDONLY)
+    try:
+        with ShardWriter(out, _planned(tensors), any_order=True) as w:
+            for t in sorted(w.order, key=lambda t: t.name, reverse=True):
+                w.copy_from(t.name, fd, infos[t.name].offset, infos[t.name].nbytes)
+    finally:
+        os.close(fd)
+    assert out.read_bytes() == ref.read_bytes()
+
+
+def test_any_order_still_refuses_a_missing_or_extra_byte(tmp_path):
+    tensors = mixed_tensors()
+    name = next(iter(tensors))
+    w = ShardWriter(tmp_path / "a.safetensors", _planned(tensors), any_order=True)
+    with pytest.raises(WriterStateError, match="is not planned"):
+        w.write("nope", torch.zeros(1))
+    w.write(name, tensors[name])
+    with pytest.raises(WriterStateError, match="bytes but is planned as"):
+        w.write(name, tensors[name].reshape(-1)[:1])
+    with pytest.raises(WriterStateError, match="when the shard was closed"):
+        w.close()
+    assert not (tmp_path / "a.safetensors").exists()
