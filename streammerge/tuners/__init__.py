@@ -1,21 +1,19 @@
 """The tuners: one module per PEFT adapter type, and this registry, the only place a type is named.
 
-A new adapter type is a module defining its operations, how it plans a module and a `Tuner` (see base.py and
-docs/contributing.md), plus one line below.
+A new adapter type is a module defining its operations, how it plans a module and a `TUNER` (see base.py and
+docs/contributing.md), plus its name in `MODULES`.
 """
 
 from __future__ import annotations
 
-from . import ia3, loha, lokr, lora, vera
+from importlib import import_module
+
 from .base import Role, Tuner
 
-TUNERS: dict[str, Tuner] = {t.peft_type: t for t in (
-    lora.TUNER,
-    loha.TUNER,
-    lokr.TUNER,
-    ia3.TUNER,
-    vera.TUNER,
-)}
+# the registry: the modules of this package that define a TUNER
+MODULES = ("lora", "loha", "lokr", "ia3", "vera")
+
+TUNERS: dict[str, Tuner] = {t.peft_type: t for t in (import_module(f".{m}", __name__).TUNER for m in MODULES)}
 
 
 def register(tuner: Tuner) -> None:
