@@ -239,16 +239,7 @@ class ShardWriter:
         done = 0
         done = self._copy_kernel(src_fd, offset, nbytes, done, name)
         while done < nbytes:  # portable fallback
-            try:
-                chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), offset + done)
-            except OSError as exc:
-                self.state = WriterState.FAILED
-                raise CheckpointError(
-                    f"cannot read the source of tensor {name!r} (fd {src_fd}): {exc.strerror or exc}; "
-                    "check the base model files"
-                ) from None
-            if not chunk:
-                raise self._short_source(name, src_fd, offset + done)
+            chunk = self._pread(name, src_fd, offset + done, min(COPY_CHUNK, nbytes - done))
             self._write_all(memoryview(chunk))
             done += len(chunk)
         self._pos += nbytes
@@ -272,19 +263,24 @@ class ShardWriter:
                 raise self._short_source(name, src_fd, offset + done)
             done += n
         while done < nbytes:
-            try:
-                chunk = os.pread(src_fd, min(COPY_CHUNK, nbytes - done), offset + done)
-            except OSError as exc:
-                self.state = WriterState.FAILED
-                raise CheckpointError(
-                    f"cannot read the source of tensor {name!r} (fd {src_fd}): {exc.strerror or exc}; "
-                    "check the base model files"
-                ) from None
-            if not chunk:
-                raise self._short_source(name, src_fd, offset + done)
+            chunk = self._pread(name, src_fd, offset + done, min(COPY_CHUNK, nbytes - done))
             self._pwrite_all(memoryview(chunk), at + done)
             done += len(chunk)
         self._high = max(self._high, at + nbytes)
+
+    def _pread(self, name: str, src_fd: int, at: int, count: int) -> bytes:
+        """The next bytes of a raw copy's source, read in user space (where the kernel cannot copy)."""
+        try:
+            chunk = os.pread(src_fd, count, at)
+        except OSError as exc:
+            self.state = WriterState.FAILED
+            raise CheckpointError(
+                f"cannot read the source of tensor {name!r} (fd {src_fd}): {exc.strerror or exc}; "
+                "check the base model files"
+            ) from None
+        if not chunk:
+            raise self._short_source(name, src_fd, at)
+        return chunk
 
     def _short_source(self, name: str, src_fd: int, at: int) -> CheckpointError:
         self.state = WriterState.FAILED
