@@ -23,6 +23,7 @@ EPILOG = """examples:
   streammerge --base ./base --adapter ./lora --output ./merged --dry-run
   streammerge --base ./base --adapter ./lora-a --adapter ./lora-b --weights 0.7,0.3 --output ./merged
   streammerge verify --base ./base --adapter ./lora --merged ./merged
+  streammerge batch jobs.yaml [--ray [ADDRESS]] [--json]
 """
 
 
@@ -149,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     process = argv is None
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["batch"]:
+            from .cli_batch import main_batch
+
+            return main_batch(argv[1:], process)
         if argv[:1] == ["verify"]:
             vparser = build_verify_parser()
             vargs = vparser.parse_args(argv[1:])
