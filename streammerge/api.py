@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .adapter import Adapter, load_adapter
+from .adapter import Adapter
 from .engine import one_torch_thread, write_shards
 from .io.checkpoint import open_checkpoint
 from .io.formats import DTYPE_NAMES, SAFETENSORS_INDEX_FILE
@@ -31,7 +31,8 @@ from .io.staging import Staging
 from .lineage import base_mismatch
 from .memory import MemoryMonitor, fmt_bytes
 from .options import OUT_DTYPES, block_bytes, parse_size
-from .plan import OutTensor, Plan, build_plan
+from .plan import OutTensor, Plan
+from .plan.combine import AdapterSet, check_weights, combined_side_files, is_combination, plan_adapters
 
 Log = Callable[[str], None]
 
@@ -54,13 +55,16 @@ class MergeSummary:
     files_copied: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
+    adapters: list[Path] = field(default_factory=list)   # every adapter (one, or a weighted combination's)
+    weights: list[float] | None = None                   # the combination's weights
 
 
 def merge(
     base: str | Path,
-    adapter: str | Path,
+    adapter: str | Path | Sequence[str | Path],
     output: str | Path,
     *,
+    weights: Sequence[float] | None = None,
     dtype: str = "bf16",
     loader: str = "auto",
     max_shard_size: str | int = "5GB",
@@ -74,7 +78,9 @@ def merge(
 ) -> MergeSummary:
     """Merge a PEFT LoRA adapter into a safetensors checkpoint, tensor by tensor, into `output`.
 
-    `base` and `adapter` are local folders or Hugging Face repo ids. `dtype` is "bf16", "f16", "f32" or
+    `base` and `adapter` are local folders or Hugging Face repo ids. A list of adapters (or one adapter with
+    `weights`) is merged as the weighted combination `W + Σ w_i s_i B_i A_i`, PEFT's
+    `add_weighted_adapter(..., combination_type="cat")` (weights default to 1 each). `dtype` is "bf16", "f16", "f32" or
     "auto" (keep each tensor's dtype). Nothing is written when `dry_run` is set or when planning finds a
     problem; the output appears at `output` only when complete.
     """
@@ -82,6 +88,11 @@ def merge(
     started = time.perf_counter()
     if dtype not in OUT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(OUT_DTYPES)}, not {dtype!r}")
+    sources = [adapter] if isinstance(adapter, (str, Path)) else list(adapter)
+    if not sources:
+        raise ValueError("no adapter given")
+    if is_combination(len(sources), weights):
+        weights = list(check_weights(len(sources), weights))
     shard_limit = parse_size(max_shard_size)
     block = block_bytes(max_memory)
     output = Path(output).expanduser() if dry_run else resolve_output(output)
@@ -91,25 +102,27 @@ def merge(
         if not dry_run:
             check_output(output, overwrite)
         base_dir = resolve(base, "base", hf_token)
-        adapter_dir = resolve(adapter, "adapter", hf_token)
+        adapter_dirs = [resolve(a, "adapter", hf_token) for a in sources]
+        adapter_dir = adapter_dirs[0]
         if not dry_run:
-            check_output(output, overwrite, (base_dir, adapter_dir), writes=side_files(base_dir, adapter_dir))
+            check_output(output, overwrite, (base_dir, *adapter_dirs),
+                         writes=_side_files(base_dir, adapter_dirs, weights))
 
         say("[1/3] Plan: reading headers and matching the adapter to the base")
         ckpt = open_checkpoint(base_dir)
-        lora = load_adapter(adapter_dir)
+        plan, lora = plan_adapters(ckpt, adapter_dirs, weights, dtype=dtype, loader=loader)
         try:
-            plan = build_plan(ckpt, lora, dtype=dtype, loader=loader)
-            _warn_lineage(lora, base, base_dir)
+            for member in lora.members if isinstance(lora, AdapterSet) else (lora,):
+                _warn_lineage(member, base, base_dir)
             shards = plan_shards([PlannedTensor(t.name, t.dtype, t.shape) for t in plan.tensors], shard_limit)
             names = shard_file_names(len(shards))
             _say_plan(say, plan, len(shards), dry_run)
-            extra = side_files(base_dir, adapter_dir)
+            extra = _side_files(base_dir, adapter_dirs, weights)
             summary = MergeSummary(
                 output=output, base=base_dir, adapter=adapter_dir, layout=plan.layout, plan=plan.tensors,
                 shards=names, tensors_merged=len(plan.merged), tensors_copied=len(plan.tensors) - len(plan.merged),
                 bytes_written=0, seconds=0.0, peak_memory=0, files_copied=sorted(extra), notes=plan.notes,
-                dry_run=dry_run,
+                dry_run=dry_run, adapters=adapter_dirs, weights=None if weights is None else list(weights),
             )
             if not dry_run:
                 check_free_space(output, plan.total_bytes + sum(p.stat().st_size for p in extra.values()))
@@ -123,6 +136,12 @@ def merge(
         summary.seconds = time.perf_counter() - started
         summary.peak_memory = mem.peak  # inside the block: an interrupt from here on is still reported truly
     return summary
+
+
+def _side_files(base_dir: Path, adapter_dirs: list[Path], weights: Sequence[float] | None) -> dict[str, Path]:
+    if is_combination(len(adapter_dirs), weights):
+        return combined_side_files(base_dir, adapter_dirs)
+    return side_files(base_dir, adapter_dirs[0])
 
 
 def _warn_lineage(lora: Adapter, base: str | Path, base_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -20,7 +21,9 @@ EPILOG = """examples:
   streammerge --base Qwen/Qwen3-1.7B --adapter ./my-lora --output ./merged
   streammerge --base ./base --adapter ./lora --output ./merged --dtype f16 --max-shard-size 2GB
   streammerge --base ./base --adapter ./lora --output ./merged --dry-run
+  streammerge --base ./base --adapter ./lora-a --adapter ./lora-b --weights 0.7,0.3 --output ./merged
   streammerge verify --base ./base --adapter ./lora --merged ./merged
+  streammerge batch jobs.yaml [--ray [ADDRESS]] [--json]
 """
 
 
@@ -41,6 +44,23 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _weights(text: str) -> list[float]:
+    try:
+        values = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid weights {text!r}: use numbers separated by commas, e.g. "
+                                         "0.7,0.3") from None
+    if not all(math.isfinite(w) for w in values):
+        raise argparse.ArgumentTypeError(f"invalid weights {text!r}: use finite numbers")
+    return values
+
+
+def _check_weights(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.weights is not None and len(args.weights) != len(args.adapter):
+        parser.error(f"argument --weights: {len(args.weights)} weight(s) for {len(args.adapter)} --adapter(s); "
+                     "give one weight per adapter")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="streammerge",
@@ -49,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--base", required=True, help="local folder or Hugging Face repo id of the full-precision base")
-    p.add_argument("--adapter", required=True, help="local folder or repo id of a PEFT LoRA adapter")
+    p.add_argument("--adapter", required=True, action="append",
+                   help="local folder or repo id of a PEFT LoRA adapter; repeat it (with --weights) to merge a "
+                        "weighted combination")
+    p.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,...",
+                   help="one weight per --adapter: merge W + sum(w_i * s_i * B_i A_i), as PEFT's "
+                        "add_weighted_adapter(combination_type='cat') (default with several adapters: 1 each)")
     p.add_argument("--output", required=True, help="output folder")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32", "auto"],
                    help="output dtype; auto keeps each tensor's base dtype (default: bf16)")
@@ -65,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="after merging, check sampled rows of every tensor against an independent float64 "
                         "reference, as 'streammerge verify' does (exit 9 on a difference)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with the result (or the error) on stdout, everything else on stderr")
     return p
 
 
@@ -94,7 +121,10 @@ def build_verify_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--base", required=True, help="local folder or repo id of the base")
-    p.add_argument("--adapter", required=True, help="local folder or repo id of the adapter")
+    p.add_argument("--adapter", required=True, action="append",
+                   help="local folder or repo id of the adapter; repeated (with --weights) for a combination")
+    p.add_argument("--weights", type=_weights, default=None, metavar="W1,W2,...",
+                   help="the weights the combination was merged with")
     p.add_argument("--merged", required=True, help="the merged model folder to check")
     p.add_argument("--loader", default="auto", choices=LOADER_CHOICES)
     p.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32", "auto"],
@@ -107,26 +137,39 @@ def build_verify_parser() -> argparse.ArgumentParser:
     rows.add_argument("--all-rows", action="store_true", help="check every row of every tensor")
     p.add_argument("--max-memory", default=None,
                    help="bound the working memory of the check, e.g. 256MB")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with the result (or the error) on stdout, everything else on stderr")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit code. Called without `argv` it is the process itself: an interrupt
     after the work is done then no longer changes the outcome."""
+    from . import cli_json
+
     process = argv is None
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["batch"]:
+            from .cli_batch import main_batch
+
+            return main_batch(argv[1:], process)
         if argv[:1] == ["verify"]:
             vparser = build_verify_parser()
             vargs = vparser.parse_args(argv[1:])
             _check_sizes(vparser, {"--max-memory": vargs.max_memory})
+            _check_weights(vparser, vargs)
             vtoken = vargs.hf_token or os.environ.get("HF_TOKEN") or None
-            return _run(lambda: _verify(vargs, vtoken), vtoken, process, "interrupted; nothing was verified")
+            vrecord = cli_json.record_for("verify", vargs) if vargs.json else None
+            return _run(lambda: _verify(vargs, vtoken, vrecord), vtoken, process, "interrupted; nothing was verified",
+                        on_error=cli_json.reporter(vrecord, vtoken))
         parser = build_parser()
         args = parser.parse_args(argv)
         token = args.hf_token or os.environ.get("HF_TOKEN") or None
         _check_sizes(parser, {"--max-shard-size": args.max_shard_size, "--max-memory": args.max_memory})
-        return _run(lambda: _merge(args, token), token, process)
+        _check_weights(parser, args)
+        record = cli_json.record_for("merge", args) if args.json else None
+        return _run(lambda: _merge(args, token, record), token, process, on_error=cli_json.reporter(record, token))
     except KeyboardInterrupt:  # before the handlers of _run were in place (start-up)
         _say_error("error: interrupted; nothing was written to --output")
         return 130
@@ -167,11 +210,11 @@ def _say_error(text: str) -> None:
     _write_line(sys.stderr, text)
 
 
-def _printer(token: str | None) -> Callable[[str], None]:
-    """print() for stdout that never shows the token (it could hide in a repo id or a path)."""
+def _printer(token: str | None, stream: Any = None) -> Callable[[str], None]:
+    """print() for stdout (or `stream`) that never shows the token (it could hide in a repo id or a path)."""
 
     def say(text: str = "") -> None:
-        _write_line(sys.stdout, text.replace(token, "***") if token else text)
+        _write_line(stream or sys.stdout, text.replace(token, "***") if token else text)
 
     return say
 
@@ -179,46 +222,59 @@ def _printer(token: str | None) -> Callable[[str], None]:
 DONE_MARK = "\u2705 "  # the check mark scripts look for in front of "Done. Merged model: <dir>"
 
 
-def _merge(args: argparse.Namespace, token: str | None) -> int:
+def _merge(args: argparse.Namespace, token: str | None, record: dict[str, Any] | None = None) -> int:
     import psutil
 
     from .api import merge
     from .memory import fmt_bytes
 
-    print = _printer(token)
+    out = sys.stderr if record is not None else sys.stdout  # with --json, stdout holds only the JSON object
+    print = _printer(token, out)
+    if record is not None:
+        from .cli_json import collect_warnings
+
+        collect_warnings(record)
     if args.clamp_f16 and args.dtype in ("bf16", "f32"):
         warnings.warn(f"--clamp-f16 has no effect with --dtype {args.dtype} (only float16 output can overflow)",
                       stacklevel=1)
     vm = psutil.virtual_memory()
     print(f"Base    : {args.base}")
-    print(f"Adapter : {args.adapter}")
+    print(f"Adapter : {_adapters_text(args)}")
     print(f"Output  : {args.output}")
     print(f"Dtype   : {args.dtype}")
     print(f"RAM     : {vm.available / 1e9:.1f} GB free / {vm.total / 1e9:.1f} GB total")
     summary = merge(
-        args.base, args.adapter, args.output, dtype=args.dtype, loader=args.loader,
+        args.base, args.adapter, args.output, weights=args.weights, dtype=args.dtype, loader=args.loader,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, dry_run=args.dry_run, hf_token=token,
         progress=not args.no_progress and sys.stderr.isatty(), max_memory=args.max_memory,
         clamp_f16=args.clamp_f16, log=print,
     )
     try:
+        if record is not None:
+            from .results import summary_fields
+
+            record.update(summary_fields(summary))
         print(f"Loader  : {args.loader} -> {summary.layout}" if args.loader == "auto" else f"Loader  : {args.loader}")
         print(f"Elapsed: {summary.seconds:.1f} s | Peak memory: {fmt_bytes(summary.peak_memory)} (anonymous)")
         if args.dry_run:
             print(f"Dry run: {summary.tensors_merged} tensors would be merged, {summary.tensors_copied} copied, "
                   f"into {len(summary.shards)} shard(s); nothing written.")
-            return 0
+            return _json_done(record, token, finish=False)
         if args.verify:
             from .verify import verify
 
             print("Verify: checking sampled rows of every tensor against the float64 reference")
-            _report(verify(args.base, args.adapter, summary.output, loader=args.loader, dtype=args.dtype,
-                           hf_token=token, log=print, max_memory=args.max_memory), print)
+            report = verify(args.base, args.adapter, summary.output, weights=args.weights, loader=args.loader,
+                            dtype=args.dtype, hf_token=token, log=print, max_memory=args.max_memory)
+            if record is not None:
+                from .results import verify_fields
+
+                record["verify"] = verify_fields(report)
+            _report(report, print)
         # the last line, exactly as scripts that drive qlora-merge-style CLIs expect it
-        mark = DONE_MARK if _can_show(sys.stdout, DONE_MARK) else ""
+        mark = DONE_MARK if _can_show(out, DONE_MARK) else ""
         print(f"{mark}Done. Merged model: {summary.output}")
-        _finished.set()  # from here on a signal changes nothing: the command succeeded
-        return 0
+        return _json_done(record, token)
     except KeyboardInterrupt:
         if args.dry_run:
             raise Interrupted("interrupted; nothing was written to --output (dry run)") from None
@@ -227,20 +283,48 @@ def _merge(args: argparse.Namespace, token: str | None) -> int:
                           f"model{unverified}") from None
 
 
-def _verify(args: argparse.Namespace, token: str | None) -> int:
+def _adapters_text(args: argparse.Namespace) -> str:
+    if len(args.adapter) == 1 and args.weights is None:
+        return args.adapter[0]
+    weights = args.weights or [1.0] * len(args.adapter)
+    return " + ".join(f"{w:g} x {a}" for w, a in zip(weights, args.adapter))
+
+
+def _verify(args: argparse.Namespace, token: str | None, record: dict[str, Any] | None = None) -> int:
     from .verify import verify
 
-    print = _printer(token)
+    print = _printer(token, sys.stderr if record is not None else sys.stdout)
+    if record is not None:
+        from .cli_json import collect_warnings
+
+        collect_warnings(record)
     started = time.perf_counter()
     sample = None if args.all_rows else args.sample
     what = "every row" if sample is None else f"the first, the last and ~{sample} random row blocks"
     print(f"Verify: checking {what} of every tensor of {args.merged} against the float64 reference")
-    report = verify(args.base, args.adapter, args.merged, loader=args.loader, sample_blocks=sample,
-                    dtype=args.dtype, hf_token=token, log=print, max_memory=args.max_memory)
+    report = verify(args.base, args.adapter, args.merged, weights=args.weights, loader=args.loader,
+                    sample_blocks=sample, dtype=args.dtype, hf_token=token, log=print, max_memory=args.max_memory)
+    if record is not None:
+        from .results import verify_fields
+
+        record.update(verify_fields(report))
     try:
-        return _report(report, print)
+        _report(report, print)
     finally:
+        if record is not None:
+            record["seconds"] = round(time.perf_counter() - started, 3)
         print(f"Elapsed: {time.perf_counter() - started:.1f} s")
+    return _json_done(record, token, finish=False)
+
+
+def _json_done(record: dict[str, Any] | None, token: str | None, finish: bool = True) -> int:
+    if record is not None:
+        from .cli_json import succeed
+
+        succeed(record, token)
+    if finish:
+        _finished.set()  # from here on a signal changes nothing: the command succeeded
+    return 0
 
 
 def _report(report, print: Callable[[str], None] = print) -> int:
@@ -290,7 +374,10 @@ def _interrupt(signum, frame):
 
 
 def _run(action, token: str | None, process: bool = False,
-         interrupted: str = "interrupted; nothing was written to --output") -> int:
+         interrupted: str = "interrupted; nothing was written to --output",
+         on_error: Callable[[int, str, str], None] | None = None) -> int:
+    """Run `action` with the token kept out of every line, warnings as `warning: ...` lines, and every failure
+    turned into one `error: ...` line and its exit code (`on_error(code, message, kind)` is told too)."""
     def show_warning(message, category, filename, lineno, file=None, line=None):
         _say_error(f"warning: {_clean(str(message), token)}")
 
@@ -309,24 +396,28 @@ def _run(action, token: str | None, process: bool = False,
     except ValueError:  # not the main thread: leave signals alone
         pass
     code = 1
+
+    def fail(code: int, message: str, kind: str) -> int:
+        _say_error(f"error: {message}")
+        if on_error is not None:
+            on_error(code, message, kind)
+        return code
+
     try:
         code = action()
     except StreamMergeError as e:
-        _say_error(f"error: {_clean(str(e), token)}")
-        code = e.exit_code
+        code = fail(e.exit_code, _clean(str(e), token), type(e).__name__)
     except KeyboardInterrupt as e:
-        _say_error(f"error: {_clean(str(e), token) if isinstance(e, Interrupted) else interrupted}")
-        code = 130
+        code = fail(130, _clean(str(e), token) if isinstance(e, Interrupted) else interrupted, "Interrupted")
     except OSError as e:
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
-        _say_error(f"error: {_clean(where + (e.strerror or str(e)), token)}; check the disk and the paths given")
-        code = 6
+        code = fail(6, f"{_clean(where + (e.strerror or str(e)), token)}; check the disk and the paths given",
+                    "OSError")
     except Exception as e:
         if os.environ.get("STREAMMERGE_DEBUG"):
             raise
-        _say_error(f"error: internal error {type(e).__name__}: {_clean(str(e), token)} (a streammerge bug: please "
-                   "report it; set STREAMMERGE_DEBUG=1 for the traceback)")
-        code = 1
+        code = fail(1, f"internal error {type(e).__name__}: {_clean(str(e), token)} (a streammerge bug: please "
+                       "report it; set STREAMMERGE_DEBUG=1 for the traceback)", "InternalError")
     finally:
         warnings.showwarning = saved_warning
         for sig_num, handler in saved.items():

@@ -74,6 +74,13 @@ class VerifyError(StreamMergeError, AssertionError):
     exit_code = 9
 
 
+class ClusterError(StreamMergeError, RuntimeError):
+    """The distributed engine cannot run: Ray is not installed, the cluster cannot be reached, or a job's task
+    was lost (a worker or node died) again after its retry."""
+
+    exit_code = 10
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM, with what the interrupt left at --output (the CLI prints it and exits 130).
 

@@ -6,7 +6,8 @@
 
 The same in YAML or TOML (`[[jobs]]` tables). Options at the top level (`dtype`, `loader`, `max_shard_size`,
 `max_memory`, `overwrite`, `clamp_f16`, `threads`) apply to every job. Relative paths are relative to the job
-file's folder.
+file's folder. `resources` (`{"num_cpus": 2, "memory": "8GB"}`), at the top level or in a job, is what a job
+asks a cluster for when the batch runs distributed (`--ray`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from typing import Any
 from .errors import InputError
 
 OPTIONS = ("dtype", "loader", "max_shard_size", "max_memory", "overwrite", "clamp_f16", "threads")
-_JOB_FIELDS = ("adapter", "adapters", "weights", "output", "name")
+_JOB_FIELDS = ("adapter", "adapters", "weights", "output", "name", "resources")
+_RESOURCES = ("num_cpus", "memory")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one job asks a cluster for (None: derived from the job)."""
+
+    num_cpus: float | None = None
+    memory: int | None = None   # bytes
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,7 @@ class Job:
     output: str
     weights: tuple[float, ...] | None = None
     name: str = ""
+    resources: Resources | None = None
 
     @property
     def label(self) -> str:
@@ -44,6 +55,7 @@ class BatchSpec:
     base: str
     jobs: tuple[Job, ...]
     options: Mapping[str, Any] = field(default_factory=dict)
+    resources: Resources | None = None
 
 
 @dataclass
@@ -74,7 +86,7 @@ def parse_jobs(data: Any, where: Path) -> BatchSpec:
 
     if not isinstance(data, Mapping):
         raise bad("expected an object with 'base' and 'jobs'")
-    unknown = sorted(set(data) - {"base", "jobs", *OPTIONS})
+    unknown = sorted(set(data) - {"base", "jobs", "resources", *OPTIONS})
     if unknown:
         raise bad(f"unknown field(s) {unknown}")
     base = data.get("base")
@@ -88,7 +100,8 @@ def parse_jobs(data: Any, where: Path) -> BatchSpec:
     outputs = [Path(j.output).resolve() for j in jobs]
     if len(set(outputs)) != len(outputs):
         raise bad("two jobs write the same output")
-    return BatchSpec(_local(base, root), jobs, {k: data[k] for k in OPTIONS if k in data})
+    return BatchSpec(_local(base, root), jobs, {k: data[k] for k in OPTIONS if k in data},
+                     _resources(data.get("resources"), "resources", bad))
 
 
 def _job(raw: Any, i: int, root: Path, bad: Any) -> Job:
@@ -115,7 +128,27 @@ def _job(raw: Any, i: int, root: Path, bad: Any) -> Job:
     name = raw.get("name", "")
     if not isinstance(name, str):
         raise bad(f"jobs[{i}]: 'name' must be a string")
-    return Job(tuple(_local(a, root) for a in adapters), str(root / output), weights, name)
+    resources = _resources(raw.get("resources"), f"jobs[{i}].resources", bad)
+    return Job(tuple(_local(a, root) for a in adapters), str(root / output), weights, name, resources)
+
+
+def _resources(raw: Any, where: str, bad: Any) -> Resources | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or set(raw) - set(_RESOURCES):
+        raise bad(f"'{where}' must be an object with {' and/or '.join(_RESOURCES)}")
+    cpus = raw.get("num_cpus")
+    if cpus is not None and (isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or cpus <= 0):
+        raise bad(f"'{where}.num_cpus' must be a positive number")
+    memory = raw.get("memory")
+    if memory is not None:
+        from .options import parse_size
+
+        try:
+            memory = parse_size(memory)
+        except (ValueError, TypeError):
+            raise bad(f"'{where}.memory' must be a size such as \"8GB\" or a number of bytes") from None
+    return Resources(float(cpus) if cpus is not None else None, memory)
 
 
 def _local(source: str, root: Path) -> str:

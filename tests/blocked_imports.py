@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # what the test venv has that a bare install (the package's runtime dependencies) does not
-NOT_IN_A_BARE_INSTALL = ("numpy", "transformers", "tokenizers", "peft", "accelerate", "hypothesis", "pytest")
+NOT_IN_A_BARE_INSTALL = ("numpy", "transformers", "tokenizers", "peft", "accelerate", "hypothesis", "pytest", "ray")
 
 _SITECUSTOMIZE = '''\
 import importlib.machinery

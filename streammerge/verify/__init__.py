@@ -17,13 +17,12 @@ import filecmp
 import functools
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ..adapter import load_adapter
 from ..bounds import Workspace
 from ..engine import (
     one_torch_thread,  # the thread policy only; no merge math is imported
@@ -36,8 +35,9 @@ from ..io.reader import TensorReader
 from ..io.safetensors import read_header
 from ..io.sidefiles import output_config, read_base_config, side_files
 from ..options import OUT_DTYPES, output_dtype, parse_size
-from ..plan import OutTensor, build_plan
-from .reference import Sources, TensorReference, output_bounds, round_once
+from ..plan import OutTensor
+from ..plan.combine import AdapterSet, combined_side_files, is_combination, plan_adapters
+from .reference import CombinedSources, Sources, TensorReference, output_bounds, round_once
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # row blocks per tensor checked by default, besides the first and the last
@@ -117,9 +117,10 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> int:
 
 def verify(
     base: str | Path,
-    adapter: str | Path,
+    adapter: str | Path | Sequence[str | Path],
     merged: str | Path,
     *,
+    weights: Sequence[float] | None = None,
     loader: str = "auto",
     sample_blocks: int | None = DEFAULT_SAMPLE_BLOCKS,
     dtype: str | None = None,
@@ -133,6 +134,7 @@ def verify(
     `sample_blocks` row blocks per tensor are checked besides the first and the last; None checks every row.
     `dtype` is the --dtype the merge was run with; None accepts any choice the output's tensors are consistent
     with (config.json must then be what the merge writes for one of them). `max_memory` bounds the working memory.
+    Several adapters (or one with `weights`) check a weighted combination, as `merge` takes them.
     """
     say = log or (lambda _m: None)
     if dtype is not None and dtype not in OUT_DTYPES:
@@ -140,7 +142,9 @@ def verify(
     block_bytes = DEFAULT_BLOCK_BYTES if max_memory is None else max(1 << 14, min(DEFAULT_BLOCK_BYTES,
                                                                                   parse_size(max_memory) // 16))
     base_dir = resolve(base, "base", hf_token)
-    adapter_dir = resolve(adapter, "adapter", hf_token)
+    adapter_dirs = [resolve(a, "adapter", hf_token) for a in ([adapter] if isinstance(adapter, (str, Path))
+                                                              else adapter)]
+    combination = is_combination(len(adapter_dirs), weights)
     merged_dir = Path(merged).expanduser()
     ckpt = open_checkpoint(base_dir)
     if not merged_dir.is_dir():
@@ -152,13 +156,14 @@ def verify(
         raise VerifyError(f"merged output is damaged: {e}") from None
     except MissingFileError as e:
         raise VerifyError(f"merged output is incomplete: {e}") from None
-    lora = load_adapter(adapter_dir)
-    sources = Sources(lora)
+    # dtypes: each tensor's source dtype
+    plan, lora = plan_adapters(ckpt, adapter_dirs, weights, dtype="auto", loader=loader)
+    sources = CombinedSources(lora, list(lora.members)) if isinstance(lora, AdapterSet) else Sources(lora)
     ws = Workspace()
     report = VerifyReport()
     rng = random.Random(seed)
     try:
-        plan = build_plan(ckpt, lora, dtype="auto", loader=loader)  # dtypes: each tensor's source dtype
+        files = combined_side_files(base_dir, adapter_dirs) if combination else side_files(base_dir, adapter_dirs[0])
         expected = {t.name: t for t in plan.tensors}
         report.missing = [n for n in expected if n not in out.tensors]
         report.extra = [n for n in out.tensors if n not in expected]
@@ -182,10 +187,10 @@ def verify(
                 if check.max_ulps:
                     say(f"  {name}: up to {check.max_ulps} ulp off ({check.detail})")
         report.config_problems = _check_config(base_dir, merged_dir, plan.config_updates, report.dtype_choices)
-        missing_files = [f for f in side_files(base_dir, adapter_dir) if not (merged_dir / f).exists()]
+        missing_files = [f for f in files if not (merged_dir / f).exists()]
         report.config_problems += [f"file {f} was not copied" for f in missing_files]
         report.config_problems += _check_metadata(out)
-        report.config_problems += _check_side_files(side_files(base_dir, adapter_dir), merged_dir)
+        report.config_problems += _check_side_files(files, merged_dir)
     finally:
         sources.close()
         lora.close()

@@ -25,6 +25,7 @@ from ..bounds import F64, U32, Pair, Workspace, make_pair
 from ..io.formats import DTYPES
 from ..io.safetensors import TensorInfo
 from ..plan import OutTensor
+from ..plan.combine import split_member_key
 from ..tuners.base import Op
 
 F16_MAX = 65504.0
@@ -109,6 +110,32 @@ class Sources:
 
     def close(self) -> None:
         self.tensor_done()
+
+
+class CombinedSources(Sources):
+    """The sources of a weighted combination: base tensors as usual, adapter tensors from the member a qualified
+    key names (plan/combine.py's `member_key`), each member read through its own Sources."""
+
+    def __init__(self, adapter: Adapter, members: list[Adapter]) -> None:
+        super().__init__(adapter)
+        self.members = [Sources(m) for m in members]
+
+    def _member(self, qualified: str) -> tuple[Sources, str]:
+        i, key = split_member_key(qualified)
+        return self.members[i], key
+
+    def adapter_rows(self, key: str, shape: tuple[int, ...], per_index: int, cols: int, r0: int, r1: int) -> Tensor:
+        src, k = self._member(key)
+        return src.adapter_rows(k, shape, per_index, cols, r0, r1)
+
+    def factor(self, key: str) -> Tensor:
+        src, k = self._member(key)
+        return src.factor(k)
+
+    def tensor_done(self) -> None:
+        super().tensor_done()
+        for m in self.members:
+            m.tensor_done()
 
 
 def row_view(t: OutTensor) -> tuple[int, int, int]:
