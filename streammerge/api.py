@@ -18,6 +18,7 @@ from .io.checkpoint import open_checkpoint
 from .io.formats import DTYPE_NAMES, SAFETENSORS_INDEX_FILE
 from .io.hub import resolve
 from .io.output import check_free_space, check_output, resolve_output
+from .io.quant import RequantReport
 from .io.sharding import (
     DEFAULT_METADATA,
     PlannedTensor,
@@ -54,6 +55,8 @@ class MergeSummary:
     files_copied: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     dry_run: bool = False
+    # --dtype keep on a quantized base: how far re-quantization moved each merged tensor from its float32 merge
+    requantized: list[RequantReport] = field(default_factory=list)
 
 
 def merge(
@@ -74,9 +77,11 @@ def merge(
 ) -> MergeSummary:
     """Merge a PEFT LoRA adapter into a safetensors checkpoint, tensor by tensor, into `output`.
 
-    `base` and `adapter` are local folders or Hugging Face repo ids. `dtype` is "bf16", "f16", "f32" or
-    "auto" (keep each tensor's dtype). Nothing is written when `dry_run` is set or when planning finds a
-    problem; the output appears at `output` only when complete.
+    `base` and `adapter` are local folders or Hugging Face repo ids. `dtype` is "bf16", "f16", "f32", "auto"
+    (keep each tensor's dtype) or "keep" (as auto, and a quantized base's quantization too: FP8 stays FP8, merged
+    tensors re-quantized with fresh scales). A quantized base (FP8, compressed-tensors FP8, MXFP4, bitsandbytes)
+    is read dequantized. Nothing is written when `dry_run` is set or when planning finds a problem; the output
+    appears at `output` only when complete.
     """
     say = log or (lambda _msg: None)
     started = time.perf_counter()
@@ -101,7 +106,8 @@ def merge(
         try:
             plan = build_plan(ckpt, lora, dtype=dtype, loader=loader)
             _warn_lineage(lora, base, base_dir)
-            shards = plan_shards([PlannedTensor(t.name, t.dtype, t.shape) for t in plan.tensors], shard_limit)
+            shards = plan_shards([PlannedTensor(t.name, t.dtype, t.shape) for t in plan.tensors], shard_limit,
+                                 plan.glued)
             names = shard_file_names(len(shards))
             _say_plan(say, plan, len(shards), dry_run)
             extra = side_files(base_dir, adapter_dir)
@@ -117,6 +123,7 @@ def merge(
                     summary.bytes_written = _write(plan, shards, names, staging, lora, extra, dtype, block,
                                                    progress, mem, clamp_f16, say)
                     staging.commit()
+                summary.requantized = [t.quant.report for t in plan.tensors if t.quant and t.quant.report]
         finally:
             lora.close()
         mem.current()

@@ -20,6 +20,7 @@ EPILOG = """examples:
   streammerge --base Qwen/Qwen3-1.7B --adapter ./my-lora --output ./merged
   streammerge --base ./base --adapter ./lora --output ./merged --dtype f16 --max-shard-size 2GB
   streammerge --base ./base --adapter ./lora --output ./merged --dry-run
+  streammerge --base ./DeepSeek-V3-FP8 --adapter ./lora --output ./merged-fp8 --dtype keep
   streammerge verify --base ./base --adapter ./lora --merged ./merged
 """
 
@@ -51,8 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="local folder or Hugging Face repo id of the full-precision base")
     p.add_argument("--adapter", required=True, help="local folder or repo id of a PEFT LoRA adapter")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32", "auto"],
-                   help="output dtype; auto keeps each tensor's base dtype (default: bf16)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32", "auto", "keep"],
+                   help="output dtype; auto keeps each tensor's base dtype; keep does too and keeps an FP8 base FP8 "
+                        "(merged tensors re-quantized with fresh scales). A quantized base (FP8, compressed-tensors "
+                        "FP8, MXFP4, bitsandbytes) is otherwise written dequantized (default: bf16)")
     p.add_argument("--loader", default="auto", choices=LOADER_CHOICES,
                    help="how adapter module names map onto checkpoint names (default: auto-detect)")
     p.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HF_TOKEN); never printed")
@@ -97,8 +100,9 @@ def build_verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="local folder or repo id of the adapter")
     p.add_argument("--merged", required=True, help="the merged model folder to check")
     p.add_argument("--loader", default="auto", choices=LOADER_CHOICES)
-    p.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32", "auto"],
-                   help="the --dtype the merge was run with (default: any the merged tensors are consistent with)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32", "auto", "keep"],
+                   help="the --dtype the merge was run with (default: any the merged tensors are consistent with; "
+                        "keep when the output of a quantized base still has its quantization_config)")
     p.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HF_TOKEN); never printed")
     rows = p.add_mutually_exclusive_group()
     rows.add_argument("--sample", type=_positive_int, default=DEFAULT_SAMPLE_BLOCKS, metavar="N",
@@ -204,6 +208,7 @@ def _merge(args: argparse.Namespace, token: str | None) -> int:
     try:
         print(f"Loader  : {args.loader} -> {summary.layout}" if args.loader == "auto" else f"Loader  : {args.loader}")
         print(f"Elapsed: {summary.seconds:.1f} s | Peak memory: {fmt_bytes(summary.peak_memory)} (anonymous)")
+        _say_requantized(summary.requantized, print)
         if args.dry_run:
             print(f"Dry run: {summary.tensors_merged} tensors would be merged, {summary.tensors_copied} copied, "
                   f"into {len(summary.shards)} shard(s); nothing written.")
@@ -225,6 +230,25 @@ def _merge(args: argparse.Namespace, token: str | None) -> int:
         unverified = "; it was not verified" if args.verify else ""
         raise Interrupted(f"interrupted after the merge was complete: {summary.output} holds the new merged "
                           f"model{unverified}") from None
+
+
+REQUANT_SHOWN = 8  # tensors listed one by one; more are summarised
+
+
+def _say_requantized(reports: list, print: Callable[[str], None]) -> None:
+    """How far re-quantization (--dtype keep) moved each merged tensor from its float32 merge: the largest ones."""
+    if not reports:
+        return
+    worst = max(reports, key=lambda r: r.max_abs)
+    mean = sum(r.sum_abs for r in reports) / max(1, sum(r.count for r in reports))
+    print(f"Requant : {len(reports)} merged tensor(s) re-quantized; error against the float32 merge: max "
+          f"{worst.max_abs:.3g} (in {worst.name}), mean {mean:.3g}")
+    shown = sorted(reports, key=lambda r: -r.max_abs)[:REQUANT_SHOWN]
+    for r in shown:
+        rel = f" ({r.max_abs / r.max_value:.2%} of its largest value)" if r.max_value else ""
+        print(f"          {r.name}: max {r.max_abs:.3g}{rel}, mean {r.mean_abs:.3g}")
+    if len(reports) > len(shown):
+        print(f"          ... and {len(reports) - len(shown)} more (MergeSummary.requantized has them all)")
 
 
 def _verify(args: argparse.Namespace, token: str | None) -> int:

@@ -12,8 +12,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterError, PlanError, UnsupportedError
-from ..io.quantized import detect as detect_quantization
-from ..io.quantized import refusal as quantized_refusal
 from ..io.sidefiles import config_values, read_base_config
 from ..layouts import (
     LayoutChoice,
@@ -26,6 +24,7 @@ from ..tuners import TUNERS
 from ..tuners.base import Claim, ModuleKeys, PlanContext, Tuner
 from .keys import fold_wrapper_copies, group_keys
 from .model import OutTensor, Plan, Problems
+from .quantized import view as quantized_view
 from .replacements import plan_replacements
 from .tied import Tie, find_input_embedding, head_clones, settle
 
@@ -40,9 +39,10 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
     tuner = TUNERS[cfg.peft_type]
     base_config = read_base_config(ckpt.root)
     problems = Problems()
-    quant = detect_quantization(ckpt.tensors, base_config)
+    # a quantized base is planned through its logical (dequantized) tensors
+    quant = quantized_view(ckpt, base_config)
     if quant is not None:
-        raise UnsupportedError(quantized_refusal(quant, ckpt.root, ckpt.tensors))
+        ckpt = quant.checkpoint
 
     modules, replacements = group_keys(_module_keys(adapter, tuner), adapter.weights_path, problems)
     cfg.prime(list(modules))
@@ -85,7 +85,10 @@ def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loade
             config_updates["vocab_size"] = vocab
             notes.append(f"vocabulary resized to {vocab} rows by the adapter")
     tensors = [out[n] for n in ckpt.tensors] + [out[n] for n in new_tensors]
-    return Plan(tensors, layout.name, config_updates, notes, len(adapter.shapes))
+    plan = Plan(tensors, layout.name, config_updates, notes, len(adapter.shapes))
+    if quant is not None:
+        quant.finish(plan, dtype)
+    return plan
 
 
 def _module_keys(adapter: Adapter, tuner: Tuner) -> list[str]:
