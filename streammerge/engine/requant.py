@@ -30,17 +30,18 @@ def emit_requantized(t: OutTensor, by_name: dict[str, OutTensor], writer: ShardW
     scale_t = by_name[rq.scale.name]
     tr = TensorRows(t, reader, lora, block_bytes)
     tr.prepass()
+    session = rq.session()  # its buffers go with it when this tensor is done
     if rq.whole_tensor:
         for r0, r1 in tr.spans():
-            rq.observe(_f32(tr.merged(r0, r1)), r0, r1)
+            session.observe(_f32(tr.merged(r0, r1)), r0, r1)
     total = 0
     for r0, r1 in tr.spans():
         w = _f32(tr.merged(r0, r1))
         nbytes = (r1 - r0) * tr.cols
         buf = pool.take(nbytes)
         q = buf[:nbytes].view(torch.float8_e4m3fn).view(r1 - r0, tr.cols)
-        scale, dq = rq.quantize(w, r0, r1, q)
-        report.add(dq.sub_(w).abs_(), float(w.abs().max()) if w.numel() else 0.0)
+        scale, dq = session.quantize(w, r0, r1, q)
+        report.add(dq.sub_(w), w)
         s0, s1 = rq.scale_rows(r0, r1)
         if s1 > s0:
             scale = scale.contiguous().clone()  # its own memory: the requantizer reuses its buffers

@@ -140,7 +140,8 @@ def test_fp8_block_quantizer_is_transformers_fp8quantize(root):
     op = Fp8Quantize(FineGrainedFP8HfQuantizer(FineGrainedFP8Config(weight_block_size=[16, 16])))
     theirs = op._quantize_one("x.weight", w)
     q = torch.empty(64, 48, dtype=torch.float8_e4m3fn)
-    inv, dq = fp8.quantize_blocks(w, 16, 16, torch.float32, q, torch.empty(64 * 48), None, "x")
+    inv, dq = fp8.quantize_blocks(w, 16, 16, torch.float32, q, torch.empty(64 * 48), None,
+                                  torch.empty(64 * 48 // 2, dtype=torch.int32), "x")
     assert torch.equal(q.view(torch.uint8), theirs["x.weight"].view(torch.uint8))
     assert torch.equal(inv, theirs["x.weight_scale_inv"]) and inv[1, 1] == 1.0
     assert torch.equal(dq, q.float() * inv.repeat_interleave(16, 0).repeat_interleave(16, 1))
@@ -161,10 +162,11 @@ def test_fp8_block_requantizer_on_partial_blocks_in_row_blocks(scale_dtype):
                      Path("x"), 0, 40 * 36), "weight_scale_inv": scale}, {"block": (16, 16), "grid": (3, 3)})
     rq = FORMAT.requantizer(qt)
     assert rq.row_align == 16
+    session = rq.session()
     q = torch.empty(40, 36, dtype=torch.float8_e4m3fn)
     scales = []
     for r0, r1 in ((0, 32), (32, 40)):
-        s, _ = rq.quantize(w[r0:r1], r0, r1, q[r0:r1])
+        s, _ = session.quantize(w[r0:r1], r0, r1, q[r0:r1])
         assert rq.scale_rows(r0, r1) == (r0 // 16, -(-r1 // 16))
         scales.append(s.clone())
     assert torch.equal(q.view(torch.uint8), q_want.view(torch.uint8))
@@ -186,11 +188,12 @@ def test_compressed_requantizer_per_channel_and_per_tensor():
             {"strategy": strategy, "dense": True})
         rq = FORMAT.requantizer(qt)
         assert rq.whole_tensor is (strategy == "tensor")
+        session = rq.session()
         if rq.whole_tensor:
-            rq.observe(w[:5], 0, 5)
-            rq.observe(w[5:], 5, 12)
+            session.observe(w[:5], 0, 5)
+            session.observe(w[5:], 5, 12)
         q = torch.empty(12, 32, dtype=torch.float8_e4m3fn)
-        s, dq = rq.quantize(w, 0, 12, q)
+        s, dq = session.quantize(w, 0, 12, q)
         amax = w.abs().amax(dim=1, keepdim=True) if strategy == "channel" else w.abs().max().reshape(1)
         want = torch.where(amax == 0, torch.finfo(torch.bfloat16).eps, (amax / 448).to(torch.bfloat16).float())
         assert s.dtype == torch.bfloat16 and torch.equal(s.float(), want.to(torch.bfloat16).float())
@@ -198,6 +201,16 @@ def test_compressed_requantizer_per_channel_and_per_tensor():
         assert ((q.float() - v).abs() <= torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(1e-30))).clamp_min(-6)
                                                     - 4)).all()
         assert torch.equal(dq, q.float() * s.float().reshape(-1, 1))
+
+
+def test_decode_is_torchs_e4m3_cast():
+    """Every code (NaN included), odd counts and unaligned starts: the pair table gives the cast's float32 bits."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    q = torch.cat([codes, codes.flip(0), codes[:7]]).view(torch.float8_e4m3fn)
+    for part in (q, q[1:], q[:-1], q[3:4]):
+        out = torch.empty(part.numel())
+        fp8.decode(part, out, torch.empty(part.numel() // 2 + 1, dtype=torch.int32))
+        assert torch.equal(out.view(torch.int32), part.float().view(torch.int32))
 
 
 def test_scale_blocks_matches_the_block_aware_dequantization():
@@ -266,3 +279,29 @@ def test_a_new_scale_stays_in_its_weights_shard():
     ts = [PlannedTensor("a", "F8_E4M3", (100,)), PlannedTensor("a_s", "F32", (10,)), PlannedTensor("b", "BF16", (50,))]
     assert [[t.name for t in s] for s in plan_shards(ts, 100)] == [["a"], ["a_s"], ["b"]]
     assert [[t.name for t in s] for s in plan_shards(ts, 100, {"a_s"})] == [["a", "a_s"], ["b"]]
+
+
+@pytest.mark.parametrize("scales", ["per-tensor", "e8m0"])
+def test_fp8_per_tensor_and_power_of_two_scales_are_read_as_transformers_reads_them(tmp_path, scales):
+    """`weight_block_size: null` (one scale for the tensor) and E8M0 byte scales (`2 ** (s - 127)`, DeepSeek-V4
+    style) dequantize as transformers' Fp8Dequantize does; --dtype keep refuses to re-quantize into either."""
+    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+
+    from streammerge.io.quant.fp8_block import FORMAT
+
+    g = torch.Generator().manual_seed(6)
+    q = (torch.randn(32, 48, generator=g) * 40).to(torch.float8_e4m3fn)
+    if scales == "per-tensor":
+        s, block = torch.tensor([0.0123]), None
+    else:
+        s, block = torch.randint(115, 125, (2, 3), dtype=torch.uint8, generator=g), [16, 16]
+    save_file({"l.weight": q, "l.weight_scale_inv": s}, str(tmp_path / "model.safetensors"))
+    config = {"quantization_config": {"quant_method": "fp8", "weight_block_size": block}}
+    qt = read_quantized(open_checkpoint(tmp_path), config).tensors["l.weight"]
+    want = Fp8Dequantize(None)._dequantize_one(q, s, output_dtype=torch.float32)
+    with TensorReader() as reader:
+        rows = qt.rows(reader)
+        for r0, r1 in ((0, 32), (3, 20), (31, 32)):
+            assert torch.equal(rows.rows(r0, r1), want[r0:r1]), (r0, r1)
+    with pytest.raises(UnsupportedError, match="re-quantizing|re-quantiz"):
+        FORMAT.requantizer(qt)

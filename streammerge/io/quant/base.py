@@ -50,12 +50,28 @@ class RequantReport:
     def mean_abs(self) -> float:
         return self.sum_abs / self.count if self.count else 0.0
 
-    def add(self, err: torch.Tensor, value_max: float) -> None:
+    def add(self, err: torch.Tensor, w: torch.Tensor) -> None:
+        """Count a block: `err` the re-quantized minus the merged values (overwritten), `w` the merged values."""
         if err.numel():
-            self.max_abs = max(self.max_abs, float(err.max()))
-            self.sum_abs += float(err.sum(dtype=torch.float64))
+            err.abs_()
+            self.max_abs = max(self.max_abs, float(err.amax()))
+            self.sum_abs += float(err.sum())
             self.count += err.numel()
-        self.max_value = max(self.max_value, value_max)
+            lo, hi = torch.aminmax(w)
+            self.max_value = max(self.max_value, float(hi), -float(lo))
+
+
+class RequantSession(Protocol):
+    """One tensor's re-quantization, with its working buffers (dropped with the session)."""
+
+    def observe(self, w: torch.Tensor, r0: int, r1: int) -> None:
+        """See merged rows before any is quantized (`Requantizer.whole_tensor`: one scale covers every row)."""
+        ...
+
+    def quantize(self, w: torch.Tensor, r0: int, r1: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize the float32 rows `w` into `q` (F8_E4M3, same shape); returns (the scale rows, in the scale's
+        dtype, the dequantized rows q * scale in float32 for the error report)."""
+        ...
 
 
 class Requantizer(Protocol):
@@ -63,18 +79,13 @@ class Requantizer(Protocol):
 
     scale: TensorInfo           # the base's scale tensor: the output's has the same name, dtype and shape
     row_align: int              # blocks start on multiples of this (a block of rows shares its scales)
-    whole_tensor: bool          # the scale covers every row: `observe` sees every block before `quantize`
-
-    def observe(self, w: torch.Tensor, r0: int, r1: int) -> None: ...
+    whole_tensor: bool          # the scale covers every row: the session observes every block before quantizing
 
     def scale_rows(self, r0: int, r1: int) -> tuple[int, int]:
         """The rows of the scale tensor rows [r0, r1) of the weight write (whole-tensor scales: (0, 1) once)."""
         ...
 
-    def quantize(self, w: torch.Tensor, r0: int, r1: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantize the float32 rows `w` into `q` (F8_E4M3, same shape); returns (the scale rows, in the scale's
-        dtype, the dequantized rows q * scale in float32 for the error report)."""
-        ...
+    def session(self) -> RequantSession: ...
 
 
 @dataclass(frozen=True, eq=False)

@@ -143,7 +143,7 @@ class _Rows:
         else:
             s = read(self.reader, self.bufs, self.s, 0, self.s.rows).float().reshape(1, 1)
         out = self.bufs.f32("out", (r1 - r0, q.shape[1]))
-        out.copy_(q)
+        fp8.decode(q, out, self.bufs.get("index", q.numel() // 2 * 4).view(torch.int32))
         out.mul_(s)
         if self.round_to is not None:
             out.copy_(out.to(self.round_to))
@@ -156,33 +156,41 @@ class _Requant:
     float32. A per-tensor scale needs the amax of every merged row first (`whole_tensor`: the rows are computed
     twice)."""
 
+    row_align = 1
+
     def __init__(self, qt: QuantTensor) -> None:
         self.qt = qt
         self.scale = qt.parts["weight_scale"]
         self.scale_dtype = DTYPES[self.scale.dtype]
         self.whole_tensor = qt.meta["strategy"] == "tensor"
-        self.row_align = 1
+
+    def scale_rows(self, r0: int, r1: int) -> tuple[int, int]:
+        return (r0, r1) if not self.whole_tensor else (0, self.scale.rows) if r0 == 0 else (0, 0)
+
+    def session(self) -> _Session:
+        return _Session(self)
+
+
+class _Session:
+    def __init__(self, rq: _Requant) -> None:
+        self.rq, self.bufs = rq, Buffers()
         self.amax = torch.zeros((), dtype=torch.float32)
-        self.bufs = Buffers()
 
     def _scale(self, amax: torch.Tensor) -> torch.Tensor:
-        s = (amax / fp8.FP8_MAX).to(self.scale_dtype)
-        return torch.where(s == 0, torch.finfo(self.scale_dtype).eps, s).to(self.scale_dtype)
+        dtype = self.rq.scale_dtype
+        s = (amax / fp8.FP8_MAX).to(dtype)
+        return torch.where(s == 0, torch.finfo(dtype).eps, s).to(dtype)
 
     def observe(self, w: torch.Tensor, r0: int, r1: int) -> None:
         if w.numel():
             self.amax = torch.maximum(self.amax, fp8.row_amax(w).max())
 
-    def scale_rows(self, r0: int, r1: int) -> tuple[int, int]:
-        return (r0, r1) if not self.whole_tensor else (0, self.scale.rows) if r0 == 0 else (0, 0)
-
     def quantize(self, w: torch.Tensor, r0: int, r1: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = self._scale(self.amax if self.whole_tensor else fp8.row_amax(w))
+        whole = self.rq.whole_tensor
+        scale = self._scale(self.amax if whole else fp8.row_amax(w))
         scratch = self.bufs.f32("scratch", (w.numel(),))
-        dq = fp8.quantize_rows(w, scale, q, scratch)
-        if self.whole_tensor:
-            return scale.reshape(self.scale.shape), dq
-        return scale.reshape(-1, 1), dq
+        dq = fp8.quantize_rows(w, scale, q, scratch, self.bufs.get("index", w.numel() // 2 * 4).view(torch.int32))
+        return (scale.reshape(self.rq.scale.shape) if whole else scale.reshape(-1, 1)), dq
 
 
 FORMAT = CompressedFp8()

@@ -119,7 +119,7 @@ class _Rows:
         else:
             s = scale_f32(read(self.reader, self.bufs, self.s, k0, k1)).reshape(k1 - k0, self.grid[1])
         out = self.bufs.f32("out", (r1 - r0, q.shape[1]))
-        out.copy_(q)
+        fp8.decode(q, out, self.bufs.get("index", q.numel() // 2 * 4).view(torch.int32))
         return fp8.scale_blocks(out, s, r0, self.bm, self.bn)
 
 
@@ -141,20 +141,29 @@ class _Requant:
                                    "(weight_block_size: null); re-quantizing that layout is not supported: merge "
                                    "with --dtype bf16")
         self.scale_dtype = DTYPES[self.scale.dtype]
-        self.bufs = Buffers()
-
-    def observe(self, w: torch.Tensor, r0: int, r1: int) -> None:
-        raise AssertionError("block scales need no pass over the whole tensor")
 
     def scale_rows(self, r0: int, r1: int) -> tuple[int, int]:
         return r0 // self.bm, -(-r1 // self.bm)
 
+    def session(self) -> _Session:
+        return _Session(self)
+
+
+class _Session:
+    def __init__(self, rq: _Requant) -> None:
+        self.rq, self.bufs = rq, Buffers()
+
+    def observe(self, w: torch.Tensor, r0: int, r1: int) -> None:
+        raise AssertionError("block scales need no pass over the whole tensor")
+
     def quantize(self, w: torch.Tensor, r0: int, r1: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rq = self.rq
         n, cols = w.shape
-        padded = -(-n // self.bm) * self.bm * -(-cols // self.bn) * self.bn
+        padded = -(-n // rq.bm) * rq.bm * -(-cols // rq.bn) * rq.bn
         scratch = self.bufs.f32("scratch", (padded,))
         pad = self.bufs.f32("pad", (padded,)) if padded != n * cols else None
-        return fp8.quantize_blocks(w, self.bm, self.bn, self.scale_dtype, q, scratch, pad, self.qt.name)
+        index = self.bufs.get("index", n * cols // 2 * 4).view(torch.int32)
+        return fp8.quantize_blocks(w, rq.bm, rq.bn, rq.scale_dtype, q, scratch, pad, index, rq.qt.name)
 
 
 FORMAT = Fp8Block()
