@@ -2,10 +2,13 @@
 """Benchmark streammerge against `cp -r` (the I/O floor) and the PEFT full-load merge, in one run.
 
     python scripts/bench.py --base DIR --adapter DIR [--rounds 3] [--work DIR] [--peft/--no-peft]
-        [--extra-args "--max-memory 256MB"] [--label NAME] [--out docs/performance.md] [--verify/--no-verify]
+        [--extra-args "--max-memory 256MB"] [--variant NAME="ARGS" ...] [--label NAME] [--out docs/performance.md]
+        [--verify/--no-verify]
 
 Each round runs, alternating, (a) `cp -r BASE WORK/cp-out`, (b) `python -m streammerge ... --output WORK/sm-out
---overwrite EXTRA`, (c) when transformers and peft are importable and --no-peft is not given, the PEFT path
+--overwrite EXTRA` (or, with `--variant`, one streammerge contender per variant, each with its own arguments, e.g.
+`--variant bf16="" --variant keep="--dtype keep"` on an FP8 base), (c) when transformers and peft are importable and
+--no-peft is not given, the PEFT path
 (from_pretrained bf16 -> PeftModel.from_pretrained -> merge_and_unload -> save_pretrained + tokenizer copy) in a
 subprocess. Page cache is not dropped: one untimed `cp -r` of the base (and a read of the adapter) warms it first,
 and the base is read back into the cache before every timed command (streammerge drops the pages it has read),
@@ -377,7 +380,8 @@ def render(b: Bench, info: dict, args, cmdline: str, floor: RunResult | None, no
     L.append("")
     L.append("| contender | median wall (s) | median CPU (s) | median peak anon (MB) | median peak RSS (MB) | runs ok |")
     L.append("|---|---:|---:|---:|---:|---:|")
-    for name in ("cp", "streammerge", "peft"):
+    sm_names = [n for n in dict.fromkeys(n for _, n, _ in b.rows) if n not in ("cp", "peft")]
+    for name in ("cp", *sm_names, "peft"):
         rs = [r for r in b.of(name) if r.ok]
         if not b.of(name):
             continue
@@ -398,8 +402,9 @@ def render(b: Bench, info: dict, args, cmdline: str, floor: RunResult | None, no
                 vals.append(ratio(getattr(x, attr), getattr(y, attr)))
         return f"{statistics.median(vals):.2f}× (per round: {', '.join(f'{v:.2f}' for v in vals)})" if vals else "n/a"
 
-    L.append(f"- Median of per-round ratios: streammerge/cp wall = {med_ratio('streammerge', 'cp', 'wall')}")
-    if b.of("peft"):
+    for name in sm_names:
+        L.append(f"- Median of per-round ratios: {name}/cp wall = {med_ratio(name, 'cp', 'wall')}")
+    if b.of("peft") and b.of("streammerge"):
         L.append(f"- peft/streammerge wall = {med_ratio('peft', 'streammerge', 'wall')}; "
                  f"peft/streammerge peak anon = {med_ratio('peft', 'streammerge', 'peak_anon')}")
     for n in notes:
@@ -423,6 +428,9 @@ def main(argv=None) -> int:
     ap.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                     help="compare streammerge's and PEFT's merged tensors after the last round (untimed)")
     ap.add_argument("--extra-args", default="", help="extra streammerge CLI arguments, one shell-quoted string")
+    ap.add_argument("--variant", action="append", default=[], metavar='NAME="ARGS"',
+                    help="a streammerge contender named NAME run with ARGS (after --extra-args); repeatable. Without "
+                         "it there is one contender, `streammerge`")
     ap.add_argument("--label", default=None, help="section title (default: base folder name)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md", help="markdown file to append to")
     ap.add_argument("--python", default=sys.executable, help="interpreter for streammerge and PEFT runs")
@@ -463,45 +471,52 @@ def main(argv=None) -> int:
         floor = run_measured([args.python, "-c", "import torch, safetensors"], interval=args.interval, env=env,
                              log_dir=logs, name="floor")
 
-    outs = {"cp": work / "cp-out", "streammerge": work / "sm-out", "peft": work / "peft-out"}
-    cmds = {
-        "cp": ["cp", "-r", str(args.base), str(outs["cp"])],
-        "streammerge": [args.python, "-m", "streammerge", "--base", str(args.base), "--adapter", str(args.adapter),
-                        "--output", str(outs["streammerge"]), "--overwrite", *shlex.split(args.extra_args)],
-        "peft": [args.python, "-c", PEFT_SCRIPT, str(args.base), str(args.adapter), str(outs["peft"])],
-    }
-    order = ["cp", "streammerge"] + (["peft"] if use_peft else [])
+    variants = dict(v.split("=", 1) if "=" in v else (v, "") for v in args.variant) or {"streammerge": ""}
+    sm_names = [n if n == "streammerge" else f"streammerge {n}" for n in variants]
+    outs = {"cp": work / "cp-out", "peft": work / "peft-out"}
+    cmds = {"cp": ["cp", "-r", str(args.base), str(outs["cp"])],
+            "peft": [args.python, "-c", PEFT_SCRIPT, str(args.base), str(args.adapter), str(outs["peft"])]}
+    for i, (name, extra) in enumerate(zip(sm_names, variants.values())):
+        outs[name] = work / f"sm-out{i or ''}"
+        cmds[name] = [args.python, "-m", "streammerge", "--base", str(args.base), "--adapter", str(args.adapter),
+                      "--output", str(outs[name]), "--overwrite", *shlex.split(args.extra_args), *shlex.split(extra)]
+    order = ["cp", *sm_names] + (["peft"] if use_peft else [])
+    keep_for_check = {"streammerge", "peft"} if args.verify and use_peft else set()
     bench = Bench()
-    sm_failed = False
+    failed: set[str] = set()
     for rnd in range(1, args.rounds + 1):
         for name in order:
-            if name == "streammerge" and sm_failed:
+            if name in failed:
                 continue
             rm(outs[name])
             settle(args.base)
             r = run_measured(cmds[name], interval=args.interval, env=env, cwd=str(REPO), timeout=args.timeout,
                              log_dir=logs, name=f"r{rnd}-{name}")
-            if name == "streammerge" and r.ok and "Done. Merged model:" not in r.stdout:
-                notes.append("streammerge exited 0 but printed no `Done. Merged model:` line.")
+            is_sm = name in sm_names
+            if is_sm and r.ok and "Done. Merged model:" not in r.stdout:
+                notes.append(f"{name} exited 0 but printed no `Done. Merged model:` line.")
             if r.ok and not any(outs[name].glob("*.safetensors")):
                 r.returncode = r.returncode or 99
                 notes.append(f"{name} round {rnd}: exit 0 but no .safetensors in {outs[name]}.")
             bench.rows.append((rnd, name, r))
             print(f"round {rnd} {name:11s} {r.wall:8.2f}s  cpu {r.cpu:7.1f}s  load {r.load:4.1f}  peak anon {mb(r.peak_anon):>7s} MB  "
                   f"peak RSS {mb(r.peak_rss):>7s} MB  {'ok' if r.ok else f'FAILED exit {r.returncode}'}", flush=True)
-            if name == "streammerge" and not r.ok:
-                sm_failed = True
+            if is_sm and not r.ok:
+                failed.add(name)
                 msg = tail(r.stderr or r.stdout, 2).replace("\n", " | ")
-                notes.append(f"streammerge FAILED in round {rnd} (exit {r.returncode}): `{msg[:600]}`; "
+                notes.append(f"{name} FAILED in round {rnd} (exit {r.returncode}): `{msg[:600]}`; "
                              "later rounds skip it. Full logs: " + str(logs))
-                print(f"streammerge failed (exit {r.returncode}):\n{tail(r.stderr or r.stdout)}", file=sys.stderr)
+                print(f"{name} failed (exit {r.returncode}):\n{tail(r.stderr or r.stdout)}", file=sys.stderr)
             if name == "peft" and not r.ok:
                 notes.append(f"peft round {rnd} failed (exit {r.returncode}): "
                              f"`{tail(r.stderr, 3).replace(chr(10), ' | ')[:400]}`")
-            if name == "streammerge" and r.ok and rnd == 1:
+            if is_sm and r.ok and rnd == 1:
                 last = [ln for ln in r.stdout.strip().splitlines() if ln.strip()][-3:]
-                notes.append("streammerge's own summary (round 1): " + " / ".join(f"`{ln.strip()}`" for ln in last))
-    if args.verify and use_peft and not sm_failed and bench.of("peft") and bench.of("peft")[-1].ok:
+                notes.append(f"{name}'s own summary (round 1): " + " / ".join(f"`{ln.strip()}`" for ln in last))
+            if name not in keep_for_check or rnd < args.rounds:
+                rm(outs[name])  # at once: an 8B base's outputs side by side would take the disk
+    if (keep_for_check and "streammerge" not in failed and bench.of("peft") and bench.of("peft")[-1].ok
+            and bench.of("streammerge")):
         v = verify_outputs(outs["streammerge"], outs["peft"])
         notes.append(f"Output check (last round, streammerge vs peft): {v}")
         print("verify:", v, flush=True)
@@ -518,7 +533,7 @@ def main(argv=None) -> int:
             f.write("# Performance\n\nSections appended by `scripts/bench.py`.\n\n")
         f.write(md + "\n")
     print(f"appended to {args.out}")
-    return 1 if sm_failed or not bench.of("streammerge") else 0
+    return 1 if failed or not any(bench.of(n) for n in sm_names) else 0
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 """Write a synthetic Qwen3 base checkpoint and a PEFT LoRA adapter for it.
 
     python scripts/make_synthetic_model.py --preset {tiny,qwen3-1.7b,qwen3-8b} --out DIR
-        [--seed N] [--rank 16] [--alpha 32] [--max-shard-size 2GB]
+        [--seed N] [--rank 16] [--alpha 32] [--max-shard-size 2GB] [--quantize fp8-block]
 
 writes DIR/base/ (config.json, generation_config.json, a small real tokenizer and safetensors weights with the
 real architecture's key layout and shapes, sharded like transformers) and DIR/adapter/ (adapter_config.json and
-adapter_model.safetensors as PEFT saves them). No download, no model instantiation, and nothing beyond
+adapter_model.safetensors as PEFT saves them). With `--quantize fp8-block` the base is FP8 block-wise as
+DeepSeek-V3 and Qwen3-*-FP8 ship it: every linear weight F8_E4M3 with a float32 `weight_scale_inv` per 128x128 block,
+embeddings, norms and lm_head bf16, `quantization_config` `{"quant_method": "fp8", "weight_block_size": [128, 128]}`. No download, no model instantiation, and nothing beyond
 streammerge's own runtime dependencies (torch): it runs in a bare `pip install streammerge`.
 
 Memory stays bounded by the largest single tensor (the embedding: 1.2 GB for qwen3-8b): each shard is written
@@ -164,24 +166,87 @@ class WeightSource:
         return (one + torch.randint(-7, 8, shape, generator=self.gen)).to(torch.int16).view(torch.bfloat16)
 
 
-def write_base_weights(base: Path, p: dict, max_shard: int, seed: int, log) -> tuple[int, int, int]:
+class Fp8Source(WeightSource):
+    """Random FP8 block-wise weights: e4m3 codes sliced from a random block like the bf16 ones (their low bit XORed
+    with fresh noise, NaN codes moved to +-448's neighbour), and float32 block scales around 2e-4 (a block whose
+    largest weight is ~0.09)."""
+
+    BLOCK_SIZE = (128, 128)
+
+    def __init__(self, seed: int, max_numel: int):
+        super().__init__(seed, max_numel)
+        n = min(self.BLOCK, max_numel)
+        self.codes = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=self.gen)
+        self.bits = torch.empty(n, dtype=torch.uint8)
+
+    def fp8(self, shape: tuple[int, ...]) -> torch.Tensor:
+        n, m = math.prod(shape), self.codes.numel()
+        start = int(torch.randint(0, m, (1,), generator=self.gen))
+        out = torch.empty(n, dtype=torch.uint8)
+        pos = 0
+        while pos < n:
+            take = min(n - pos, m - start)
+            out[pos : pos + take] = self.codes[start : start + take]
+            pos += take
+            start = 0
+        for i in range(0, n, self.BLOCK):
+            part = out[i : i + self.BLOCK]
+            noise = self.bits[: part.numel()]
+            noise.random_(0, 2, generator=self.gen)
+            part ^= noise
+            part[(part & 0x7F) == 0x7F] ^= 1  # S.1111.111 is NaN in e4m3fn
+        return out.view(torch.float8_e4m3fn).reshape(shape)
+
+    def scales(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.rand(shape, generator=self.gen) * 2e-4 + 1e-4
+
+    @classmethod
+    def scale_shape(cls, shape: tuple[int, ...]) -> tuple[int, int]:
+        return -(-shape[0] // cls.BLOCK_SIZE[0]), -(-shape[1] // cls.BLOCK_SIZE[1])
+
+
+def planned_tensors(specs: dict[str, TensorSpec], quantize: str | None) -> list[PlannedTensor]:
+    """What the base holds, in module order: with FP8, each linear weight F8_E4M3 followed by its scale."""
+    planned = []
+    for s in specs.values():
+        if quantize and s.kind == "linear":
+            planned.append(PlannedTensor(s.name, "F8_E4M3", s.shape))
+            planned.append(PlannedTensor(s.name + "_scale_inv", "F32", Fp8Source.scale_shape(s.shape)))
+        else:
+            planned.append(PlannedTensor(s.name, "BF16", s.shape))
+    return planned
+
+
+def write_base_weights(base: Path, p: dict, max_shard: int, seed: int, log,
+                       quantize: str | None = None) -> tuple[int, int, int]:
     specs = {s.name: s for s in base_tensor_specs(p)}
-    shards = plan_shards([PlannedTensor(s.name, "BF16", s.shape) for s in specs.values()], max_shard)
+    shards = plan_shards(planned_tensors(specs, quantize), max_shard)
     names = shard_file_names(len(shards))
-    src = WeightSource(seed, max(s.numel for s in specs.values()))
+    src = (Fp8Source if quantize else WeightSource)(seed, max(s.numel for s in specs.values()))
     for shard, fname in zip(shards, names):
         t0 = time.time()
         # streammerge's own streaming writer: one tensor in memory at a time, bytes as save_file lays them out
         with ShardWriter(base / fname, shard) as w:
             for t in w.order:
+                if t.name.endswith("_scale_inv"):
+                    assert isinstance(src, Fp8Source)
+                    w.write(t.name, src.scales(t.shape))
+                    continue
                 s = specs[t.name]
-                w.write(t.name, src.norm(s.shape) if s.kind == "norm" else src.linear(s.shape))
+                if t.dtype == "F8_E4M3":
+                    assert isinstance(src, Fp8Source)
+                    w.write(t.name, src.fp8(s.shape))
+                else:
+                    w.write(t.name, src.norm(s.shape) if s.kind == "norm" else src.linear(s.shape))
         log(f"  {fname}: {len(shard)} tensors, {human(sum(t.nbytes for t in shard))}, {time.time() - t0:.1f}s")
     numel = sum(s.numel for s in specs.values())
     if len(shards) > 1:
         # the same content as transformers 5 save_pretrained writes
         write_index(base / "model.safetensors.index.json", shards, names, {"total_parameters": numel})
     return sum(t.nbytes for shard in shards for t in shard), len(shards), numel
+
+
+FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]}
 
 
 def human(nbytes: float) -> str:
@@ -386,6 +451,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--max-shard-size", default="2GB", help="like transformers: 2GB = 2e9 bytes, 2GiB = 2^31")
+    ap.add_argument("--quantize", choices=["fp8-block"], default=None,
+                    help="write the base FP8 block-wise (F8_E4M3 linear weights, float32 128x128 block scales)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     log = (lambda *x: None) if a.quiet else (lambda *x: print(*x, flush=True))
@@ -401,12 +468,15 @@ def main(argv=None) -> int:
     log(f"Writing synthetic {a.preset} (Qwen3ForCausalLM) to {a.out}")
     ids = write_tokenizer(base, p["vocab_size"])
     cfg = build_config(p, ids)
+    if a.quantize:
+        cfg["quantization_config"] = dict(FP8_CONFIG)
     (base / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen_cfg = {"bos_token_id": ids["<|endoftext|>"], "do_sample": False, "eos_token_id": [ids["<|im_end|>"], ids["<|endoftext|>"]],
                "pad_token_id": ids["<|endoftext|>"], "transformers_version": cfg.get("transformers_version", "5.0.0")}
     (base / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2, sort_keys=True) + "\n")
-    total, nshards, nparams = write_base_weights(base, p, parse_size(a.max_shard_size), a.seed, log)
-    log(f"base:    {base}  {nparams:,} params, {human(total)} bf16 in {nshards} file(s)")
+    total, nshards, nparams = write_base_weights(base, p, parse_size(a.max_shard_size), a.seed, log, a.quantize)
+    kind = "FP8 block-wise (linear weights) + bf16" if a.quantize else "bf16"
+    log(f"base:    {base}  {nparams:,} params, {human(total)} {kind} in {nshards} file(s)")
     # PEFT records model.name_or_path: the local folder the base was loaded from.
     ab = write_adapter(adapter, p, a.rank, a.alpha, a.seed, str(base.resolve()))
     log(f"adapter: {adapter}  r={a.rank} alpha={a.alpha}, {len(lora_module_shapes(p))} modules, {human(ab)} float32")

@@ -18,6 +18,7 @@ from .io.checkpoint import open_checkpoint
 from .io.formats import DTYPE_NAMES, SAFETENSORS_INDEX_FILE
 from .io.hub import resolve
 from .io.output import check_free_space, check_output, resolve_output
+from .io.quant import RequantReport
 from .io.sharding import (
     DEFAULT_METADATA,
     PlannedTensor,
@@ -57,6 +58,8 @@ class MergeSummary:
     dry_run: bool = False
     adapters: list[Path] = field(default_factory=list)   # every adapter (one, or a weighted combination's)
     weights: list[float] | None = None                   # the combination's weights
+    # --dtype keep on a quantized base: how far re-quantization moved each merged tensor from its float32 merge
+    requantized: list[RequantReport] = field(default_factory=list)
 
 
 def merge(
@@ -80,9 +83,11 @@ def merge(
 
     `base` and `adapter` are local folders or Hugging Face repo ids. A list of adapters (or one adapter with
     `weights`) is merged as the weighted combination `W + Σ w_i s_i B_i A_i`, PEFT's
-    `add_weighted_adapter(..., combination_type="cat")` (weights default to 1 each). `dtype` is "bf16", "f16", "f32" or
-    "auto" (keep each tensor's dtype). Nothing is written when `dry_run` is set or when planning finds a
-    problem; the output appears at `output` only when complete.
+    `add_weighted_adapter(..., combination_type="cat")` (weights default to 1 each). `dtype` is "bf16", "f16",
+    "f32", "auto" (keep each tensor's dtype) or "keep" (as auto, and a quantized base's quantization too: FP8 stays
+    FP8, merged tensors re-quantized with fresh scales). A quantized base (FP8, compressed-tensors FP8, MXFP4,
+    bitsandbytes) is read dequantized. Nothing is written when `dry_run` is set or when planning finds a problem;
+    the output appears at `output` only when complete.
     """
     say = log or (lambda _msg: None)
     started = time.perf_counter()
@@ -114,7 +119,8 @@ def merge(
         try:
             for member in lora.members if isinstance(lora, AdapterSet) else (lora,):
                 _warn_lineage(member, base, base_dir)
-            shards = plan_shards([PlannedTensor(t.name, t.dtype, t.shape) for t in plan.tensors], shard_limit)
+            shards = plan_shards([PlannedTensor(t.name, t.dtype, t.shape) for t in plan.tensors], shard_limit,
+                                 plan.glued)
             names = shard_file_names(len(shards))
             _say_plan(say, plan, len(shards), dry_run)
             extra = _side_files(base_dir, adapter_dirs, weights)
@@ -130,6 +136,7 @@ def merge(
                     summary.bytes_written = _write(plan, shards, names, staging, lora, extra, dtype, block,
                                                    progress, mem, clamp_f16, say)
                     staging.commit()
+                summary.requantized = [t.quant.report for t in plan.tensors if t.quant and t.quant.report]
         finally:
             lora.close()
         mem.current()

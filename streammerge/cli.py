@@ -22,6 +22,7 @@ EPILOG = """examples:
   streammerge --base ./base --adapter ./lora --output ./merged --dtype f16 --max-shard-size 2GB
   streammerge --base ./base --adapter ./lora --output ./merged --dry-run
   streammerge --base ./base --adapter ./lora-a --adapter ./lora-b --weights 0.7,0.3 --output ./merged
+  streammerge --base ./DeepSeek-V3-FP8 --adapter ./lora --output ./merged-fp8 --dtype keep
   streammerge verify --base ./base --adapter ./lora --merged ./merged
   streammerge batch jobs.yaml [--ray [ADDRESS]] [--json]
 """
@@ -76,8 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one weight per --adapter: merge W + sum(w_i * s_i * B_i A_i), as PEFT's "
                         "add_weighted_adapter(combination_type='cat') (default with several adapters: 1 each)")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32", "auto"],
-                   help="output dtype; auto keeps each tensor's base dtype (default: bf16)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "f16", "f32", "auto", "keep"],
+                   help="output dtype; auto keeps each tensor's base dtype; keep does too and keeps an FP8 base FP8 "
+                        "(merged tensors re-quantized with fresh scales). A quantized base (FP8, compressed-tensors "
+                        "FP8, MXFP4, bitsandbytes) is otherwise written dequantized (default: bf16)")
     p.add_argument("--loader", default="auto", choices=LOADER_CHOICES,
                    help="how adapter module names map onto checkpoint names (default: auto-detect)")
     p.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HF_TOKEN); never printed")
@@ -127,8 +130,9 @@ def build_verify_parser() -> argparse.ArgumentParser:
                    help="the weights the combination was merged with")
     p.add_argument("--merged", required=True, help="the merged model folder to check")
     p.add_argument("--loader", default="auto", choices=LOADER_CHOICES)
-    p.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32", "auto"],
-                   help="the --dtype the merge was run with (default: any the merged tensors are consistent with)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "f16", "f32", "auto", "keep"],
+                   help="the --dtype the merge was run with (default: any the merged tensors are consistent with; "
+                        "keep when the output of a quantized base still has its quantization_config)")
     p.add_argument("--hf-token", default=None, help="Hugging Face token (default: $HF_TOKEN); never printed")
     rows = p.add_mutually_exclusive_group()
     rows.add_argument("--sample", type=_positive_int, default=DEFAULT_SAMPLE_BLOCKS, metavar="N",
@@ -250,12 +254,14 @@ def _merge(args: argparse.Namespace, token: str | None, record: dict[str, Any] |
         clamp_f16=args.clamp_f16, log=print,
     )
     try:
-        if record is not None:
-            from .results import summary_fields
+        from .results import requant_lines, summary_fields
 
+        if record is not None:
             record.update(summary_fields(summary))
         print(f"Loader  : {args.loader} -> {summary.layout}" if args.loader == "auto" else f"Loader  : {args.loader}")
         print(f"Elapsed: {summary.seconds:.1f} s | Peak memory: {fmt_bytes(summary.peak_memory)} (anonymous)")
+        for line in requant_lines(summary.requantized):
+            print(line)
         if args.dry_run:
             print(f"Dry run: {summary.tensors_merged} tensors would be merged, {summary.tensors_copied} copied, "
                   f"into {len(summary.shards)} shard(s); nothing written.")

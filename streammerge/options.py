@@ -7,8 +7,9 @@ from decimal import Decimal, InvalidOperation
 
 from .io.formats import FLOAT_DTYPES
 
-# --dtype -> the safetensors dtype float tensors are written in (None: keep each tensor's own)
-OUT_DTYPES: dict[str, str | None] = {"bf16": "BF16", "f16": "F16", "f32": "F32", "auto": None}
+# --dtype -> the safetensors dtype float tensors are written in (None: keep each tensor's own). "keep" is "auto"
+# that also keeps a quantized base quantized (plan/quantized.py); on a full-precision base the two are the same.
+OUT_DTYPES: dict[str, str | None] = {"bf16": "BF16", "f16": "F16", "f32": "F32", "auto": None, "keep": None}
 
 DEFAULT_BLOCK_BYTES = 4 * 2**20  # float32 row blocks of ~4 MiB stay in L2/L3; whole-tensor math is ~6x slower
 

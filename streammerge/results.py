@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .api import MergeSummary
+    from .io.quant import RequantReport
     from .jobs import JobResult
     from .verify import VerifyReport
 
 MERGE_KEYS = ("base", "adapters", "weights", "output", "dtype", "dry_run", "layout", "shards", "tensors_merged",
               "tensors_copied", "bytes_written", "seconds", "peak_memory", "files_copied", "notes", "warnings",
-              "verify")
+              "requantized", "verify")
 VERIFY_KEYS = ("base", "adapters", "weights", "merged", "ok_values", "tensors_checked", "rows_checked", "rows",
                "max_ulps", "worst_tensor", "off_rounded", "dtype_choices", "problems", "seconds", "warnings")
 
@@ -61,7 +62,29 @@ def summary_fields(summary: MergeSummary) -> dict[str, Any]:
         "peak_memory": summary.peak_memory,
         "files_copied": list(summary.files_copied),
         "notes": list(summary.notes),
+        "requantized": [{"tensor": r.name, "max_abs_error": r.max_abs, "mean_abs_error": r.mean_abs,
+                         "max_abs_value": r.max_value} for r in summary.requantized],
     }
+
+
+REQUANT_SHOWN = 8  # tensors listed one by one; more are summarised
+
+
+def requant_lines(reports: Sequence[RequantReport]) -> list[str]:
+    """How far re-quantization (--dtype keep) moved each merged tensor from its float32 merge: the largest ones."""
+    if not reports:
+        return []
+    worst = max(reports, key=lambda r: r.max_abs)
+    mean = sum(r.sum_abs for r in reports) / max(1, sum(r.count for r in reports))
+    lines = [f"Requant : {len(reports)} merged tensor(s) re-quantized; error against the float32 merge: max "
+             f"{worst.max_abs:.3g} (in {worst.name}), mean {mean:.3g}"]
+    shown = sorted(reports, key=lambda r: -r.max_abs)[:REQUANT_SHOWN]
+    for r in shown:
+        rel = f" ({r.max_abs / r.max_value:.2%} of its largest value)" if r.max_value else ""
+        lines.append(f"          {r.name}: max {r.max_abs:.3g}{rel}, mean {r.mean_abs:.3g}")
+    if len(reports) > len(shown):
+        lines.append(f"          ... and {len(reports) - len(shown)} more (MergeSummary.requantized has them all)")
+    return lines
 
 
 def verify_fields(report: VerifyReport) -> dict[str, Any]:

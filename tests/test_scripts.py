@@ -179,3 +179,48 @@ def test_memory_sampler_ignores_file_backed_mmap(tmp_path):
     r = bench.run_measured([sys.executable, "-c", code])
     assert r.ok, r.stderr
     assert r.peak_anon < 60e6 and r.peak_rss >= 90e6, r
+
+
+@pytest.fixture(scope="module")
+def tiny_fp8(tmp_path_factory) -> Path:
+    return make_tiny(tmp_path_factory.mktemp("synthetic") / "tiny-fp8", "--quantize", "fp8-block")
+
+
+def test_fp8_block_base_loads_in_transformers(tiny, tiny_fp8):
+    """--quantize fp8-block: every linear weight F8_E4M3 with a float32 scale per 128x128 block (no NaN codes),
+    the rest as the bf16 base; transformers loads it through its FP8 path (dequantized on this CPU)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    base = tiny_fp8 / "base"
+    cfg = json.loads((base / "config.json").read_text())
+    assert cfg["quantization_config"] == {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                          "weight_block_size": [128, 128]}
+    header, _ = st_header(base / "model.safetensors")
+    plain, _ = st_header(tiny / "base" / "model.safetensors")
+    linears = [n for n, v in plain.items() if n.endswith("_proj.weight")]
+    assert len(linears) == 14
+    for n in linears:
+        rows, cols = plain[n]["shape"]
+        assert header[n]["dtype"] == "F8_E4M3" and header[n]["shape"] == [rows, cols]
+        assert header[n + "_scale_inv"] == {**header[n + "_scale_inv"], "dtype": "F32",
+                                            "shape": [math.ceil(rows / 128), math.ceil(cols / 128)]}
+    assert {n for n in header if not n.endswith("_scale_inv")} == set(plain)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    w = model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    assert torch.isfinite(w).all() and 0 < w.abs().max() < 0.1
+
+
+def test_bench_runs_variants_on_an_fp8_base(tiny_fp8, tmp_path):
+    """bench.py with one streammerge contender per --variant (bf16 and keep on the FP8 base): both succeed, each
+    has its rows, medians and ratio to cp in the report."""
+    out = tmp_path / "perf.md"
+    r = subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), "--base", str(tiny_fp8 / "base"), "--adapter",
+                        str(tiny_fp8 / "adapter"), "--rounds", "1", "--no-peft", "--work", str(tmp_path / "work"),
+                        "--variant", "bf16=", "--variant", "keep=--dtype keep", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = out.read_text()
+    for name in ("streammerge bf16", "streammerge keep"):
+        assert f"| 1 | {name} |" in report and f"| {name} |" in report and f"{name}/cp wall = " in report
+    assert "FAILED" not in report
+    assert not any((tmp_path / "work").glob("sm-out*"))  # outputs removed after each run

@@ -39,9 +39,10 @@ def one_torch_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def block_rows(block_bytes: int, cols: int) -> int:
-    """Rows per block: whole tiles, so the merged bytes do not depend on the block size."""
-    tile = kernels.tile_rows(cols)
+def block_rows(block_bytes: int, cols: int, align: int = 1) -> int:
+    """Rows per block: whole tiles, so the merged bytes do not depend on the block size (and whole multiples of
+    `align`: rows of a quantized tensor that share their scales)."""
+    tile = math.lcm(kernels.tile_rows(cols), align)
     return max(tile, block_bytes // (max(cols, 1) * 4) // tile * tile)
 
 
@@ -59,12 +60,16 @@ class TensorRows:
         self.rows = t.shape[0] if t.shape else 1
         self.cols = math.prod(t.shape[1:]) if t.shape else 1
         self.out_dtype = DTYPES[t.dtype]
-        self.step = block_rows(block_bytes, self.cols)
+        qt = t.quant.tensor if t.quant is not None else None
+        self.step = block_rows(block_bytes, self.cols, qt.fmt.row_align(qt) if qt is not None else 1)
         self.ops: list[Prepared] = [op.prepare(lora) for op in t.ops]
+        # a quantized base's rows come dequantized, in float32
+        self.quant = qt.rows(reader) if qt is not None and t.replacement is None else None
         src_dtype = lora.dtypes[t.replacement] if t.replacement is not None else _base(t).torch_dtype
         # half <-> half casts (bf16 -> f16) run ~3x faster on the CPU through float32 than directly
         half = (torch.float16, torch.bfloat16)
-        self.via_f32 = not self.ops and src_dtype in half and self.out_dtype in half and src_dtype != self.out_dtype
+        self.via_f32 = (not self.ops and self.quant is None and src_dtype in half and self.out_dtype in half
+                        and src_dtype != self.out_dtype)
         # float32 scratch reused by every block of this tensor: no allocation (and no page faults) per block
         size = min(self.step, self.rows) * self.cols
         self._scratch = torch.empty(size, dtype=torch.float32) if self.ops or self.via_f32 else None
@@ -78,10 +83,13 @@ class TensorRows:
             yield r0, min(self.rows, r0 + self.step)
 
     def source(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows [r0, r1) of the tensor the merge starts from (the base, or the adapter's replacement), as stored."""
+        """Rows [r0, r1) of the tensor the merge starts from (the base, or the adapter's replacement), as stored
+        (a quantized base's dequantized, in float32)."""
         t = self.t
         if t.replacement is not None:
             return self.lora.read_rows(t.replacement, r0, r1, self._src_buf).reshape(r1 - r0, self.cols)
+        if self.quant is not None:
+            return self.quant.rows(r0, r1)
         return self.reader.next_rows(_base(t), r0, r1).reshape(r1 - r0, self.cols)
 
     def _view(self, buf: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ..io.writer import ShardWriter
 from ..memory import MemoryMonitor, fmt_bytes
 from ..plan import OutTensor, Plan
 from .pipeline import BufferPool, WriteBehind
+from .requant import emit_requantized
 from .rows import merged_rows
 
 
@@ -38,7 +39,8 @@ def write_shards(plan: Plan, shards: list[list[PlannedTensor]], names: list[str]
     try:
         with TensorReader() as reader:
             for shard, name in zip(shards, names):
-                writer = ShardWriter(dest / name, shard, writeback=True)
+                # a re-quantized weight's scale comes before it in the file but is computed with it
+                writer = ShardWriter(dest / name, shard, writeback=True, any_order=bool(plan.glued))
                 writers.append(writer)
                 order = [by_name[p.name] for p in writer.order]
                 for i, t in enumerate(order):
@@ -47,7 +49,10 @@ def write_shards(plan: Plan, shards: list[list[PlannedTensor]], names: list[str]
                         reader.prefetch(nxt)
                     if bar is not None:
                         bar.set_postfix_str(f"{t.name[-40:]} | RAM {fmt_bytes(mem.current())}", refresh=False)
-                    written += _emit(t, writer, reader, lora, block_bytes, sink, pool, bar, clamp_f16)
+                    if t.quant is not None and t.quant.requant is not None:
+                        written += emit_requantized(t, by_name, writer, reader, lora, block_bytes, sink, pool, bar)
+                    elif t.quant is None or t.quant.scale_of is None:  # a new scale is written with its weight
+                        written += _emit(t, writer, reader, lora, block_bytes, sink, pool, bar, clamp_f16)
                 sink.submit(writer.close)
             sink.finish()
     except BaseException:
@@ -84,7 +89,7 @@ def _emit(t: OutTensor, writer: ShardWriter, reader: TensorReader, lora: Adapter
             bar.update(t.nbytes)
         return t.nbytes
     total = 0
-    from_base = t.base is not None and t.replacement is None
+    from_base = t.base is not None and t.replacement is None and t.quant is None
     for r0, r1, y, buf in merged_rows(t, reader, lora, block_bytes, clamp_f16, take=pool.take):
 
         def write(y: torch.Tensor = y, r0: int = r0, r1: int = r1) -> None:

@@ -4,7 +4,7 @@ A quantized checkpoint stores a weight as packed data plus quantization state (s
 description), and config.json's `quantization_config` tells loaders how to read them. Casting such a tensor, or
 copying it without that config, silently corrupts the model, so these tensors must be recognised from the
 headers and config alone. `detect` says which scheme a base uses and groups its tensors by the weight they
-encode (`QuantGroup`), so the caller can refuse the base, or later dequantize group by group.
+encode (`QuantGroup`); `io/quant/` reads the groups of the schemes it supports and refuses the others.
 
 Layouts recognised (as transformers 5 saves them):
 * MXFP4 (GPT-OSS): `<param>_blocks` U8 `[..., n/32, 16]` and `<param>_scales` U8 `[..., n/32]`.
@@ -140,7 +140,8 @@ def detect(headers: Mapping[str, _Header], config: Mapping[str, Any] | None = No
         elif name.endswith(".weight_scale_inv"):
             mod = name[: -len(".weight_scale_inv")]
             add(f"{mod}.weight", "FP8 block-wise",
-                {"weight": f"{mod}.weight", "weight_scale_inv": name, "input_scale": f"{mod}.input_scale"})
+                {"weight": f"{mod}.weight", "weight_scale_inv": name, "input_scale": f"{mod}.input_scale",
+                 "activation_scale": f"{mod}.activation_scale"})
         elif name.endswith(".qweight"):
             mod = name[: -len(".qweight")]
             parts = {"qweight": name, **{s: f"{mod}.{s}" for s in ("qzeros", "scales", "g_idx")}}
@@ -169,7 +170,6 @@ def detect(headers: Mapping[str, _Header], config: Mapping[str, Any] | None = No
 
 
 def refusal(quant: Quantization, root: Path, headers: Mapping[str, _Header]) -> str:
-    """The message for refusing a quantized base."""
-    return (f"base {root} is {quant.describe(headers)}. streammerge merges into full-precision checkpoints only: "
-            "casting this quantization state or copying it without its quantization_config would corrupt the "
-            "model. Merge into the full-precision (bf16/f16/f32) model the quantized one was made from")
+    """The start of the message refusing a quantized base: 'base <root> is quantized (<scheme>: ...)'; the caller
+    adds why."""
+    return f"base {root} is {quant.describe(headers)}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -36,18 +36,20 @@ class PlannedTensor:
 # planning
 
 
-def plan_shards(tensors: Sequence[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+def plan_shards(tensors: Sequence[PlannedTensor], max_shard_size: int,
+                glued: Collection[str] = ()) -> list[list[PlannedTensor]]:
     """Split tensors greedily, in order, into shards of at most `max_shard_size` bytes of data.
 
-    A tensor larger than the limit gets a shard of its own. Always at least one shard (empty only if there are no
-    tensors at all).
+    A tensor larger than the limit gets a shard of its own; a tensor named in `glued` always joins the shard of
+    the tensor before it (a re-quantized weight's scale, written together with it). Always at least one shard
+    (empty only if there are no tensors at all).
     """
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
     for t in tensors:
-        if shards[-1] and size + t.nbytes > max_shard_size:
+        if shards[-1] and size + t.nbytes > max_shard_size and t.name not in glued:
             shards.append([])
             size = 0
         shards[-1].append(t)

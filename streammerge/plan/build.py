@@ -12,8 +12,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import AdapterError, PlanError, UnsupportedError
-from ..io.quantized import detect as detect_quantization
-from ..io.quantized import refusal as quantized_refusal
 from ..io.sidefiles import config_values, read_base_config
 from ..layouts import (
     LayoutChoice,
@@ -26,6 +24,7 @@ from ..tuners import TUNERS
 from ..tuners.base import Claim, ModuleKeys, PlanContext, Tuner
 from .keys import fold_wrapper_copies, group_keys
 from .model import OutTensor, Plan, Problems
+from .quantized import view as quantized_view
 from .replacements import plan_replacements
 from .tied import Tie, find_input_embedding, head_clones, settle
 
@@ -36,14 +35,21 @@ if TYPE_CHECKING:
 
 def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loader: str = "auto") -> Plan:
     """Match, check and plan the whole merge from headers and configs only."""
+    # a quantized base is planned through its logical (dequantized) tensors
+    quant = quantized_view(ckpt, read_base_config(ckpt.root))
+    plan = plan_logical(ckpt if quant is None else quant.checkpoint, adapter, dtype=dtype, loader=loader)
+    if quant is not None:
+        quant.finish(plan, dtype)
+    return plan
+
+
+def plan_logical(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loader: str = "auto") -> Plan:
+    """`build_plan` on a full-precision checkpoint, or on a quantized one's logical view (`quantized.view`) before
+    its `finish` says where each tensor's rows come from."""
     cfg = adapter.config
     tuner = TUNERS[cfg.peft_type]
     base_config = read_base_config(ckpt.root)
     problems = Problems()
-    quant = detect_quantization(ckpt.tensors, base_config)
-    if quant is not None:
-        raise UnsupportedError(quantized_refusal(quant, ckpt.root, ckpt.tensors))
-
     modules, replacements = group_keys(_module_keys(adapter, tuner), adapter.weights_path, problems)
     cfg.prime(list(modules))
     notes = fold_wrapper_copies(replacements, adapter)

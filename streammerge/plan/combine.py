@@ -23,11 +23,12 @@ import torch
 
 from ..adapter import Adapter, load_adapter
 from ..errors import PlanError, UnsupportedError
-from ..io.sidefiles import is_tokenizer_file, side_files
+from ..io.sidefiles import is_tokenizer_file, read_base_config, side_files
 from ..tuners.lora import LoraCols, LoraRows
 from ..tuners.weighted import Term, WeightedLora
-from .build import build_plan
+from .build import build_plan, plan_logical
 from .model import OutTensor, Plan
+from .quantized import view as quantized_view
 
 if TYPE_CHECKING:
     from ..io.checkpoint import Checkpoint
@@ -146,12 +147,15 @@ def plan_combination(ckpt: Checkpoint, adapters: AdapterSet, weights: Sequence[f
     values = check_weights(len(adapters.members), weights)
     for a in adapters.members:
         _refuse_config(a)
-    plans = [build_plan(ckpt, a, dtype=dtype, loader=loader) for a in adapters.members]
+    # a quantized base: the members are planned on one logical view, which the combined plan is finished with
+    quant = quantized_view(ckpt, read_base_config(ckpt.root))
+    logical = ckpt if quant is None else quant.checkpoint
+    plans = [plan_logical(logical, a, dtype=dtype, loader=loader) for a in adapters.members]
     for i, (a, p) in enumerate(zip(adapters.members, plans)):
         _refuse_plan(a, p, i)
     _refuse_tie_conflicts(adapters.members, plans)
 
-    base_names = list(ckpt.tensors)
+    base_names = list(logical.tensors)
     names = base_names + [t.name for p in plans for t in p.tensors if t.name not in ckpt.tensors]
     by_plan = [{t.name: t for t in p.tensors} for p in plans]
     tensors = []
@@ -168,7 +172,10 @@ def plan_combination(ckpt: Checkpoint, adapters: AdapterSet, weights: Sequence[f
     notes = [f"adapter {i + 1} ({a.root}): {n}" for i, (a, p) in enumerate(zip(adapters.members, plans))
              for n in p.notes]
     layouts = list(dict.fromkeys(p.layout for p in plans))
-    return Plan(tensors, ", ".join(layouts), config_updates, notes, sum(p.adapter_keys for p in plans))
+    plan = Plan(tensors, ", ".join(layouts), config_updates, notes, sum(p.adapter_keys for p in plans))
+    if quant is not None:
+        quant.finish(plan, dtype)
+    return plan
 
 
 def _combine_tensor(name: str, versions: list[tuple[int, OutTensor]], weights: Sequence[float],

@@ -12,6 +12,7 @@ from ..errors import PlanError
 from ..io.formats import ITEMSIZE
 
 if TYPE_CHECKING:
+    from ..io.quant import QuantRole
     from ..io.safetensors import TensorInfo
     from ..tuners.base import Op
 
@@ -26,6 +27,7 @@ class OutTensor:
     base: TensorInfo | None                  # base tensor the rows come from (None: from the adapter)
     replacement: str | None = None           # adapter key whose values replace the base tensor
     ops: list[Op] = field(default_factory=list)
+    quant: QuantRole | None = None           # rows from a quantized group (dequantized), or re-quantized into it
 
     @property
     def nbytes(self) -> int:
@@ -33,7 +35,8 @@ class OutTensor:
 
     @property
     def raw_copy(self) -> bool:
-        return self.replacement is None and not self.ops and self.base is not None and self.base.dtype == self.dtype
+        return (self.replacement is None and not self.ops and self.base is not None and self.base.dtype == self.dtype
+                and self.quant is None)
 
     @property
     def merged(self) -> bool:
@@ -41,7 +44,14 @@ class OutTensor:
 
     def describe(self) -> str:
         parts = [f"replace({self.replacement})"] if self.replacement else []
+        q = self.quant
+        if q is not None and q.dequantizes and self.replacement is None:
+            parts.append(q.tensor.describe())
         parts += [op.describe() for op in self.ops]
+        if q is not None and q.requant is not None:
+            parts.append(f"requantize({q.tensor.fmt.name})")
+        if q is not None and q.scale_of is not None:
+            parts.append(f"new scale of {q.scale_of}")
         if not parts:
             parts = ["copy" if self.raw_copy else f"cast {self.base.dtype if self.base else '?'}->{self.dtype}"]
         return " + ".join(parts)
@@ -64,6 +74,11 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def glued(self) -> frozenset[str]:
+        """Tensors written together with the one before them (a re-quantized weight's new scale): same shard."""
+        return frozenset(t.name for t in self.tensors if t.quant is not None and t.quant.scale_of is not None)
 
 
 class Problems:

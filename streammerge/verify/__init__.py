@@ -37,6 +37,7 @@ from ..io.sidefiles import output_config, read_base_config, side_files
 from ..options import OUT_DTYPES, output_dtype, parse_size
 from ..plan import OutTensor
 from ..plan.combine import AdapterSet, combined_side_files, is_combination, plan_adapters
+from .quantized import check_requantized
 from .reference import CombinedSources, Sources, TensorReference, output_bounds, round_once
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -156,8 +157,9 @@ def verify(
         raise VerifyError(f"merged output is damaged: {e}") from None
     except MissingFileError as e:
         raise VerifyError(f"merged output is incomplete: {e}") from None
-    # dtypes: each tensor's source dtype
-    plan, lora = plan_adapters(ckpt, adapter_dirs, weights, dtype="auto", loader=loader)
+    # dtypes: each tensor's source dtype (a quantized base's kept quantization, when the output kept it)
+    keep = _kept_quantization(base_dir, merged_dir, dtype)
+    plan, lora = plan_adapters(ckpt, adapter_dirs, weights, dtype="keep" if keep else "auto", loader=loader)
     sources = CombinedSources(lora, list(lora.members)) if isinstance(lora, AdapterSet) else Sources(lora)
     ws = Workspace()
     report = VerifyReport()
@@ -167,7 +169,7 @@ def verify(
         expected = {t.name: t for t in plan.tensors}
         report.missing = [n for n in expected if n not in out.tensors]
         report.extra = [n for n in out.tensors if n not in expected]
-        report.dtype_choices = _dtype_choices(plan.tensors, out.tensors, dtype)
+        report.dtype_choices = _dtype_choices(plan.tensors, out.tensors, "keep" if keep else dtype)
         choice = report.dtype_choices[0]
         with TensorReader() as merged_reader, one_torch_thread():
             for name, t in expected.items():
@@ -179,9 +181,14 @@ def verify(
                     report.mismatched.append(f"{name}: merged is {got.dtype}{list(got.shape)}, expected "
                                              f"{t.dtype}{list(t.shape)}")
                     continue
-                # checked rows' pages are released as it goes, so the process does not grow by the model's size
-                check = _check_tensor(t, merged_reader.tensor(got), sources, ws, sample_blocks, rng, block_bytes,
-                                      release=functools.partial(merged_reader.release, got))
+                if t.quant is not None and t.quant.scale_of is not None:
+                    continue  # a re-quantized weight's new scale: checked with its weight
+                if t.quant is not None and t.quant.requant is not None:
+                    check = _check_requantized(t, out, merged_reader, sources, ws, sample_blocks, rng, block_bytes)
+                else:
+                    # checked rows' pages are released as it goes, so the process does not grow by the model's size
+                    check = _check_tensor(t, merged_reader.tensor(got), sources, ws, sample_blocks, rng, block_bytes,
+                                          release=functools.partial(merged_reader.release, got))
                 sources.tensor_done()
                 report.checks.append(check)
                 if check.max_ulps:
@@ -197,10 +204,23 @@ def verify(
     return report
 
 
+def _kept_quantization(base_dir: Path, merged_dir: Path, pinned: str | None) -> bool:
+    """Whether the output is a --dtype keep merge of a quantized base: pinned so, or (unpinned) the base and the
+    output both have a quantization_config (every other --dtype removes it)."""
+    if pinned is not None:
+        return pinned == "keep"
+    try:
+        merged = json.loads((merged_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return (isinstance(merged, dict) and "quantization_config" in merged
+            and "quantization_config" in read_base_config(base_dir))
+
+
 def _dtype_choices(planned: list[OutTensor], merged: dict, pinned: str | None) -> list[str]:
     """The --dtype values that give every merged tensor its dtype (`planned` holds each tensor's source dtype);
     the closest one when none does, so the mismatches are reported against it."""
-    options = [pinned] if pinned is not None else list(OUT_DTYPES)
+    options = [pinned] if pinned is not None else [c for c in OUT_DTYPES if c != "keep"]
 
     def mismatches(choice: str) -> int:
         return sum(1 for t in planned if t.name in merged and merged[t.name].dtype != output_dtype(choice, t.dtype))
@@ -257,6 +277,20 @@ def _check_tensor(t: OutTensor, merged: torch.Tensor, sources: Sources, ws: Work
         released = r0 // ref.per_index
     release(0, -(-rows // ref.per_index))
     return check
+
+
+def _check_requantized(t: OutTensor, out: Checkpoint, reader: TensorReader, sources: Sources, ws: Workspace,
+                       sample_blocks: int | None, rng: random.Random, block_bytes: int) -> TensorCheck:
+    """A re-quantized weight and its new scale against the float64 merge (see verify/quantized.py)."""
+    assert t.quant is not None and t.quant.requant is not None
+    codes = reader.tensor(out.tensors[t.name])
+    scale = reader.tensor(out.tensors[t.quant.requant.scale.name])
+    rows, cols = codes.shape
+    step = max(1, block_bytes // (8 * max(1, cols)))
+    excess, checked, detail = check_requantized(t, codes, scale, TensorReference(t, sources, ws),
+                                                _sampler(rows, step, sample_blocks, rng), step)
+    reader.release(out.tensors[t.name])
+    return TensorCheck(t.name, excess, checked, rows, exact=False, detail=detail)
 
 
 def _sampler(rows: int, step: int, sample_blocks: int | None, rng: random.Random) -> Callable[[int, int], bool]:

@@ -27,6 +27,7 @@ from ..io.safetensors import TensorInfo
 from ..plan import OutTensor
 from ..plan.combine import split_member_key
 from ..tuners.base import Op
+from .quantized import dequantized_rows
 
 F16_MAX = 65504.0
 
@@ -69,6 +70,11 @@ class Sources:
         dim 0 (1 for the usual `[dim0, rest]` view)."""
         handle = self._open(info.path, (r1 - r0) * cols * info.itemsize)
         return self._rows(handle, info.name, info.shape, per_index, cols, r0, r1)
+
+    def slice(self, info: TensorInfo, i0: int, i1: int) -> Tensor:
+        """Indices [i0, i1) of dim 0 of a base tensor as stored (a 0-d tensor: the value)."""
+        handle = self._open(info.path, (i1 - i0) * info.row_nbytes if info.shape else info.nbytes)
+        return handle.get_slice(info.name)[i0:i1] if info.shape else handle.get_tensor(info.name)
 
     def adapter_rows(self, key: str, shape: tuple[int, ...], per_index: int, cols: int, r0: int, r1: int) -> Tensor:
         path = self.adapter.weights_path
@@ -208,6 +214,8 @@ class TensorReference:
             key = t.replacement
             return self.src.adapter_rows(key, self.src.adapter.shapes[key], self.per_index, self.cols, r0, r1)
         assert t.base is not None
+        if t.quant is not None:  # a quantized base: its values as transformers dequantizes them
+            return dequantized_rows(t.quant.tensor, self.src, self.per_index, self.cols, r0, r1)
         return self.src.base_rows(t.base, self.per_index, self.cols, r0, r1)
 
     def block_exact(self, r0: int, r1: int) -> Tensor:

@@ -1,8 +1,11 @@
-"""Quantized bases are refused before anything is written, with a message that names the scheme and a tensor.
+"""Quantized bases: recognised from headers and config, merged dequantized (or refused, before anything is
+written, with a message that names the scheme and a tensor, when the scheme or the layout cannot be read exactly).
 
-Merging into them used to exit 0: an MXFP4 GPT-OSS base with an attention-only LoRA had its packed experts copied
-and its quantization_config dropped (transformers then loads random experts), a bitsandbytes 4-bit base with an
-lm_head LoRA had its F32 quantization state cast to bf16. The checkpoints here are built as transformers saves
+Merging into them once exited 0 with a broken model: an MXFP4 GPT-OSS base with an attention-only LoRA had its packed
+experts copied and its quantization_config dropped (transformers then loads random experts), a bitsandbytes 4-bit
+base with an lm_head LoRA had its F32 quantization state cast to bf16. They were then refused; now every tensor of
+them is read as transformers dequantizes it (tests/against_peft/test_quantized_bases.py has the oracle tests), and
+what is refused is what cannot be read or written back exactly. The checkpoints here are built as transformers saves
 them: bitsandbytes quantizes on this CPU (when it is installed; otherwise the same names, dtypes and shapes are
 written by hand, and `test_hand_written_bnb_layout_is_what_bitsandbytes_saves` pins them), the MXFP4 layout is
 checked by loading it in transformers, the FP8 one follows transformers' fine-grained FP8 integration.
@@ -153,18 +156,40 @@ def test_hand_written_bnb_layout_is_what_bitsandbytes_saves(wd, llama):
         assert strip == {k: (d, s if "quant_state" not in k else None) for k, (d, s) in hand.items()}, kind
 
 
-def test_bnb_base_with_lm_head_lora_is_refused(bnb_base, head_lora, tmp_path, capsys):
-    kind, base = bnb_base
-    scheme = {"nf4": "bitsandbytes 4-bit nf4", "fp4": "bitsandbytes 4-bit fp4", "int8": "bitsandbytes 8-bit"}[kind]
-    err = _refused(base, head_lora, tmp_path / "out", capsys)
-    assert f"quantized ({scheme}: model.layers.0." in err, err
-    assert "quantization_config" in err
+def _merged_dequantized(base: Path, adapter: Path, out: Path, capsys) -> dict[str, torch.Tensor]:
+    """The CLI merges into the base (exit 0), the output is a plain full-precision checkpoint with the logical names
+    (no quantization state, no quantization_config), and verify passes on every row."""
+    from streammerge.verify import verify
+
+    code, _, err = ht.run_cli(["--base", base, "--adapter", adapter, "--output", out], capsys)
+    assert code == 0, err
+    out_t = load_file(out / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in out_t.values()), {k: t.dtype for k, t in out_t.items()}
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    report = verify(base, adapter, out, sample_blocks=None)
+    assert report.ok, report.problems()
+    return out_t
 
 
-def test_bnb_attention_lora_is_refused_as_quantized_too(bnb_base, attn_lora, tmp_path, capsys):
+def test_bnb_base_with_lm_head_lora_merges_dequantized(bnb_base, head_lora, tmp_path, capsys):
+    """Was refused (an lm_head LoRA once had the quantization state cast to bf16); now the 4-bit / 8-bit weights are
+    read dequantized and written in bf16 under their own names, their state gone."""
     _kind, base = bnb_base
-    err = _refused(base, attn_lora, tmp_path / "out", capsys)
-    assert "quantized (bitsandbytes" in err
+    out_t = _merged_dequantized(base, head_lora, tmp_path / "out", capsys)
+    linears = {n for n in open_checkpoint(base).tensors if n.endswith("_proj.weight")}
+    assert linears <= set(out_t) and not any(n.endswith(("absmax", "quant_map", "SCB", "weight_format"))
+                                             or ".quant_state." in n for n in out_t)
+
+
+def test_bnb_attention_lora_merges_but_is_refused_with_keep(bnb_base, attn_lora, tmp_path, capsys):
+    """Merged dequantized by default; `--dtype keep` would have to re-quantize q_proj with bitsandbytes' quantizer,
+    which is not reproduced exactly: refused, naming the tensor, nothing written."""
+    _kind, base = bnb_base
+    _merged_dequantized(base, attn_lora, tmp_path / "out", capsys)
+    out = tmp_path / "kept"
+    code, _, err = ht.run_cli(["--base", base, "--adapter", attn_lora, "--output", out, "--dtype", "keep"], capsys)
+    assert code == 5 and err.startswith("error: --dtype keep: model.layers.0.self_attn.") and "bitsandbytes" in err
+    assert not out.exists()
 
 
 def test_detection_groups_every_quantized_tensor(bnb_base):
@@ -244,11 +269,13 @@ def test_mxfp4_layout_loads_in_transformers(gpt_oss):
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape == (E, 64, 128)
 
 
-def test_mxfp4_gpt_oss_with_attention_lora_is_refused(gpt_oss, tmp_path, capsys):
+def test_mxfp4_gpt_oss_with_attention_lora_merges_dequantized(gpt_oss, tmp_path, capsys):
+    """Was refused (the packed experts were once copied without their config); now the experts are written as
+    transformers' dequantized model has them: `mlp.experts.gate_up_proj` [E, in, out], bf16."""
     _, mx, adapter = gpt_oss
-    err = _refused(mx, adapter, tmp_path / "out", capsys)
-    assert "quantized (MXFP4: model.layers.0.mlp.experts." in err and "_blocks is U8" in err, err
-    assert "quant_method 'mxfp4'" in err
+    out_t = _merged_dequantized(mx, adapter, tmp_path / "out", capsys)
+    assert out_t["model.layers.0.mlp.experts.gate_up_proj"].shape == (E, 64, 128)
+    assert not any(n.endswith(("_blocks", "_scales")) for n in out_t)
 
 
 def test_mxfp4_tensors_are_refused_without_their_config(gpt_oss, tmp_path, capsys):
@@ -282,9 +309,12 @@ def fp8_base(wd, llama):
     return base
 
 
-def test_fp8_block_wise_with_lm_head_lora_is_refused(fp8_base, head_lora, tmp_path, capsys):
-    err = _refused(fp8_base, head_lora, tmp_path / "out", capsys)
-    assert "quantized (FP8 block-wise: model.layers.0." in err and "F8_E4M3" in err, err
+def test_fp8_block_wise_with_lm_head_lora_merges_dequantized(fp8_base, head_lora, tmp_path, capsys):
+    """Was refused; with unit scales the dequantized weights are the F8_E4M3 values themselves."""
+    out_t = _merged_dequantized(fp8_base, head_lora, tmp_path / "out", capsys)
+    fp8 = load_file(fp8_base / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(out_t[name], fp8[name].float().to(torch.bfloat16))
     quant = detect(open_checkpoint(fp8_base).tensors, {})
     assert quant.scheme == "FP8 block-wise"
     assert all(set(g.parts) == {"weight", "weight_scale_inv"} for g in quant.groups)
