@@ -2,11 +2,12 @@
 """Write a synthetic Qwen3 base checkpoint and a PEFT LoRA adapter for it.
 
     python scripts/make_synthetic_model.py --preset {tiny,qwen3-1.7b,qwen3-8b} --out DIR
-        [--seed N] [--rank 16] [--alpha 32] [--max-shard-size 2GB]
+        [--seed N] [--rank 16] [--alpha 32] [--max-shard-size 2GB] [--adapter-name adapter] [--adapter-only]
 
 writes DIR/base/ (config.json, generation_config.json, a small real tokenizer and safetensors weights with the
 real architecture's key layout and shapes, sharded like transformers) and DIR/adapter/ (adapter_config.json and
-adapter_model.safetensors as PEFT saves them). No download, no model instantiation, and nothing beyond
+adapter_model.safetensors as PEFT saves them). `--adapter-only --adapter-name NAME --seed N --rank R` adds another
+adapter DIR/NAME/ for the base already in DIR/base (the base is a function of the seed, so it is not rewritten). No download, no model instantiation, and nothing beyond
 streammerge's own runtime dependencies (torch): it runs in a bare `pip install streammerge`.
 
 Memory stays bounded by the largest single tensor (the embedding: 1.2 GB for qwen3-8b): each shard is written
@@ -386,12 +387,22 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
     ap.add_argument("--max-shard-size", default="2GB", help="like transformers: 2GB = 2e9 bytes, 2GiB = 2^31")
+    ap.add_argument("--adapter-name", default="adapter", help="write the adapter to OUT/NAME (default: adapter)")
+    ap.add_argument("--adapter-only", action="store_true",
+                    help="write only the adapter, for the base already in OUT/base (other ranks or seeds)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     log = (lambda *x: None) if a.quiet else (lambda *x: print(*x, flush=True))
 
     p = PRESETS[a.preset]
-    base, adapter = a.out / "base", a.out / "adapter"
+    base, adapter = a.out / "base", a.out / a.adapter_name
+    if a.adapter_only:
+        t0 = time.time()
+        adapter.mkdir(parents=True, exist_ok=True)
+        ab = write_adapter(adapter, p, a.rank, a.alpha, a.seed, str(base.resolve()))
+        log(f"adapter: {adapter}  r={a.rank} alpha={a.alpha}, {len(lora_module_shapes(p))} modules, {human(ab)} float32")
+        log(f"done in {time.time() - t0:.1f}s")
+        return 0
     for d in (base, adapter):
         d.mkdir(parents=True, exist_ok=True)
         for f in d.iterdir():  # stale shards of an earlier run with another shard size would confuse readers
