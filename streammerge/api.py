@@ -30,7 +30,7 @@ from .io.sidefiles import copy_side_files, side_files, write_config
 from .io.staging import Staging
 from .lineage import base_mismatch
 from .memory import MemoryMonitor, fmt_bytes
-from .options import OUT_DTYPES, block_bytes, parse_size
+from .options import OUT_DTYPES, block_bytes, check_threads, parse_size
 from .plan import OutTensor, Plan, build_plan
 
 Log = Callable[[str], None]
@@ -71,17 +71,20 @@ def merge(
     max_memory: str | int | None = None,
     clamp_f16: bool = False,
     log: Log | None = None,
+    threads: int | None = None,
 ) -> MergeSummary:
     """Merge a PEFT LoRA adapter into a safetensors checkpoint, tensor by tensor, into `output`.
 
     `base` and `adapter` are local folders or Hugging Face repo ids. `dtype` is "bf16", "f16", "f32" or
-    "auto" (keep each tensor's dtype). Nothing is written when `dry_run` is set or when planning finds a
-    problem; the output appears at `output` only when complete.
+    "auto" (keep each tensor's dtype). `threads` compute row blocks at once (default: the cores this process may
+    use); the output bytes are the same for any number. Nothing is written when `dry_run` is set or when planning
+    finds a problem; the output appears at `output` only when complete.
     """
     say = log or (lambda _msg: None)
     started = time.perf_counter()
     if dtype not in OUT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(OUT_DTYPES)}, not {dtype!r}")
+    threads = check_threads(threads)
     shard_limit = parse_size(max_shard_size)
     block = block_bytes(max_memory)
     output = Path(output).expanduser() if dry_run else resolve_output(output)
@@ -115,7 +118,7 @@ def merge(
                 check_free_space(output, plan.total_bytes + sum(p.stat().st_size for p in extra.values()))
                 with staging, one_torch_thread():
                     summary.bytes_written = _write(plan, shards, names, staging, lora, extra, dtype, block,
-                                                   progress, mem, clamp_f16, say)
+                                                   progress, mem, clamp_f16, say, threads)
                     staging.commit()
         finally:
             lora.close()
@@ -145,12 +148,12 @@ def _say_plan(say: Log, plan: Plan, shards: int, dry_run: bool) -> None:
 
 def _write(plan: Plan, shards: list[list[PlannedTensor]], names: list[str], staging: Staging, lora: Adapter,
            extra: dict[str, Path], dtype: str, block: int, progress: bool, mem: MemoryMonitor, clamp_f16: bool,
-           say: Log) -> int:
+           say: Log, threads: int) -> int:
     """Everything the output holds, into the staging folder, each file announced to the commit's check."""
     say(f"[2/3] Merge: writing {len(shards)} shard(s)")
     for shard, name in zip(shards, names):
         staging.expect(name, len(header_bytes(shard, DEFAULT_METADATA)[0]) + sum(t.nbytes for t in shard))
-    written = write_shards(plan, shards, names, staging.path, lora, block, progress, mem, clamp_f16)
+    written = write_shards(plan, shards, names, staging.path, lora, block, progress, mem, clamp_f16, threads)
     others = len([f for f in extra if f != "config.json"])
     say(f"[3/3] Write: index, config.json and {others} other file(s) (tokenizer, templates, code)")
     if len(shards) > 1:

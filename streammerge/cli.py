@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="plan and validate, print the plan, write nothing")
     p.add_argument("--clamp-f16", action="store_true", help="with --dtype f16, clamp values beyond +-65504")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="compute threads (default: the cores this process may use); the output is the same for any N")
     p.add_argument("--verify", action="store_true",
                    help="after merging, check sampled rows of every tensor against an independent float64 "
                         "reference, as 'streammerge verify' does (exit 9 on a difference)")
@@ -199,7 +201,7 @@ def _merge(args: argparse.Namespace, token: str | None) -> int:
         args.base, args.adapter, args.output, dtype=args.dtype, loader=args.loader,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, dry_run=args.dry_run, hf_token=token,
         progress=not args.no_progress and sys.stderr.isatty(), max_memory=args.max_memory,
-        clamp_f16=args.clamp_f16, log=print,
+        clamp_f16=args.clamp_f16, log=print, threads=args.threads,
     )
     try:
         print(f"Loader  : {args.loader} -> {summary.layout}" if args.loader == "auto" else f"Loader  : {args.loader}")
