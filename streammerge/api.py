@@ -17,6 +17,7 @@ from .engine import one_torch_thread, write_shards
 from .io.checkpoint import open_checkpoint
 from .io.formats import DTYPE_NAMES, SAFETENSORS_INDEX_FILE
 from .io.hub import resolve
+from .io.journal import Journal, Resumable, open_journal
 from .io.output import check_free_space, check_output, resolve_output
 from .io.sharding import (
     DEFAULT_METADATA,
@@ -72,13 +73,15 @@ def merge(
     clamp_f16: bool = False,
     log: Log | None = None,
     threads: int | None = None,
+    resume: bool = False,
 ) -> MergeSummary:
     """Merge a PEFT LoRA adapter into a safetensors checkpoint, tensor by tensor, into `output`.
 
     `base` and `adapter` are local folders or Hugging Face repo ids. `dtype` is "bf16", "f16", "f32" or
     "auto" (keep each tensor's dtype). `threads` compute row blocks at once (default: the cores this process may
-    use); the output bytes are the same for any number. Nothing is written when `dry_run` is set or when planning
-    finds a problem; the output appears at `output` only when complete.
+    use); the output bytes are the same for any number. With `resume`, the shards a killed run of the same merge
+    finished (and fsync'ed) in its staging folder are checked and reused (see io/journal.py). Nothing is written
+    when `dry_run` is set or when planning finds a problem; the output appears at `output` only when complete.
     """
     say = log or (lambda _msg: None)
     started = time.perf_counter()
@@ -88,7 +91,7 @@ def merge(
     shard_limit = parse_size(max_shard_size)
     block = block_bytes(max_memory)
     output = Path(output).expanduser() if dry_run else resolve_output(output)
-    staging = Staging(output, overwrite)  # nothing happens on disk until it is entered
+    staging = Staging(output, overwrite, resume)  # nothing happens on disk until it is entered
 
     with staging.reporting_interrupts(), MemoryMonitor() as mem:
         if not dry_run:
@@ -117,8 +120,12 @@ def merge(
             if not dry_run:
                 check_free_space(output, plan.total_bytes + sum(p.stat().st_size for p in extra.values()))
                 with staging, one_torch_thread():
+                    options = {"dtype": dtype, "loader": loader, "layout": plan.layout, "max_shard_size": shard_limit,
+                               "block": block, "clamp_f16": clamp_f16}
+                    journal = open_journal(staging, ckpt.files, (lora.config.path, lora.weights_path), options,
+                                           shards, names, say)
                     summary.bytes_written = _write(plan, shards, names, staging, lora, extra, dtype, block,
-                                                   progress, mem, clamp_f16, say, threads)
+                                                   progress, mem, clamp_f16, say, threads, journal)
                     staging.commit()
         finally:
             lora.close()
@@ -148,12 +155,13 @@ def _say_plan(say: Log, plan: Plan, shards: int, dry_run: bool) -> None:
 
 def _write(plan: Plan, shards: list[list[PlannedTensor]], names: list[str], staging: Staging, lora: Adapter,
            extra: dict[str, Path], dtype: str, block: int, progress: bool, mem: MemoryMonitor, clamp_f16: bool,
-           say: Log, threads: int) -> int:
+           say: Log, threads: int, journal: tuple[Journal, Resumable]) -> int:
     """Everything the output holds, into the staging folder, each file announced to the commit's check."""
     say(f"[2/3] Merge: writing {len(shards)} shard(s)")
     for shard, name in zip(shards, names):
         staging.expect(name, len(header_bytes(shard, DEFAULT_METADATA)[0]) + sum(t.nbytes for t in shard))
-    written = write_shards(plan, shards, names, staging.path, lora, block, progress, mem, clamp_f16, threads)
+    written = write_shards(plan, shards, names, staging.path, lora, block, progress, mem, clamp_f16, threads,
+                           *journal)
     others = len([f for f in extra if f != "config.json"])
     say(f"[3/3] Write: index, config.json and {others} other file(s) (tokenizer, templates, code)")
     if len(shards) > 1:

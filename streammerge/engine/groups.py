@@ -35,8 +35,11 @@ def pass_order(outputs: list[Output]) -> list[list[Member]]:
     open_groups: dict[tuple, list[int]] = {}
     for oi, out in enumerate(outputs):
         by_name = {t.name: t for t in out.plan.tensors}
+        done = out.done()
         for shard in out.shards:
             for p in header_bytes(shard)[1]:
+                if p.name in done:
+                    continue
                 t = by_name[p.name]
                 shared = t.replacement is None and t.base is not None and tuple(t.base.shape) == tuple(t.shape)
                 key: tuple = ("base", t.base.name) if shared else ("own", oi, t.name)  # type: ignore[union-attr]

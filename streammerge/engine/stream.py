@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,83 +20,29 @@ import torch
 
 from ..adapter import Adapter
 from ..errors import CheckpointError
+from ..io.journal import Journal, Resumable
 from ..io.reader import TensorReader
 from ..io.sharding import PlannedTensor
-from ..io.writer import ShardWriter
 from ..memory import MemoryMonitor, fmt_bytes
 from ..plan import Plan
 from .groups import Member, pass_order, waves
+from .outputs import Output, OutputState
 from .pipeline import BufferPool, ComputePool, Countdown, WriteBehind
 from .rows import BlockOut, TensorRows, f16_overflow_error
 
 RAW_CHUNK = 64 * 2**20        # untouched tensors are copied in chunks of this size, every output in turn
 
 
-@dataclass
-class Output:
-    """One merge's output within a pass: its plan, shards and folder, the adapter, and how it ended (`error`).
-
-    `on_closed(name)` runs on the writer thread after a shard was fsync'ed and closed.
-    """
-
-    plan: Plan
-    shards: list[list[PlannedTensor]]
-    names: list[str]
-    dest: Path
-    lora: Adapter
-    clamp_f16: bool = False
-    on_closed: Callable[[str], None] | None = None
-    error: BaseException | None = None
-    written: int = 0
-
-
-@dataclass
-class _State:
-    """An output's writers (opened on its writer thread when first needed) and what is left of each shard."""
-
-    out: Output
-    lane: WriteBehind
-    any_order: bool
-    shard_of: dict[str, int]
-    remaining: list[int]
-    writers: dict[int, ShardWriter] = field(default_factory=dict)
-    closed: set[int] = field(default_factory=set)
-
-    def writer(self, i: int) -> ShardWriter:
-        if i not in self.writers:
-            self.writers[i] = ShardWriter(self.out.dest / self.out.names[i], self.out.shards[i], writeback=True,
-                                          any_order=self.any_order)
-        return self.writers[i]
-
-    def tensor_done(self, name: str) -> None:
-        i = self.shard_of[name]
-        self.remaining[i] -= 1
-        if self.remaining[i] == 0:
-            self.close(i)
-
-    def close(self, i: int) -> None:
-        self.writer(i).close()
-        self.closed.add(i)
-        if self.out.on_closed is not None:
-            self.out.on_closed(self.out.names[i])
-
-    def close_rest(self) -> None:
-        """Close the shards not closed yet (those whose tensors are all zero-byte or that hold none)."""
-        for i in range(len(self.out.shards)):
-            if i not in self.closed:
-                self.close(i)
-
-    def abort_writers(self) -> None:
-        for w in self.writers.values():
-            w.abort()
-
-
 def write_shards(plan: Plan, shards: list[list[PlannedTensor]], names: list[str], dest: Path, lora: Adapter,
                  block_bytes: int, progress: bool, mem: MemoryMonitor, clamp_f16: bool, threads: int = 1,
-                 on_closed: Callable[[str], None] | None = None) -> int:
+                 journal: Journal | None = None, reuse: Resumable | None = None) -> int:
     """Write every shard of `plan` into `dest`; returns the tensor bytes written. A failure aborts (deletes) the
-    shards begun, unless a writer thread is stuck in a write (then they go with the staging folder)."""
-    out = Output(plan, shards, names, dest, lora, clamp_f16, on_closed)
+    shards begun, unless a writer thread is stuck in a write (then they go with the staging folder).
+
+    With a `journal`, every finished shard (and every CHECKPOINT_BYTES inside one) is recorded in it; `reuse`
+    names the shards, and the tensors of partial shards, that a killed run already wrote and need not be written.
+    """
+    out = Output(plan, shards, names, dest, lora, clamp_f16, journal, reuse)
     run_pass([out], block_bytes, threads, progress, mem)
     return out.written
 
@@ -117,7 +62,7 @@ class _Pass:
         self.single = len(outputs) == 1
         lanes = max(1, min(len(outputs), self.threads))
         self.lanes = [WriteBehind(2 * self.threads + 4, f"streammerge-writer-{i}") for i in range(lanes)]
-        self.states = [self._state(o, self.lanes[i % lanes], any_order) for i, o in enumerate(outputs)]
+        self.states = [OutputState(o, self.lanes[i % lanes], any_order) for i, o in enumerate(outputs)]
         self.src_pool = BufferPool(self.threads + 2, block_bytes)
         self.out_pool = BufferPool(self.threads + 2 * lanes + 1, block_bytes)
         self.compute = ComputePool(self.threads)
@@ -129,10 +74,6 @@ class _Pass:
             total = sum(o.plan.total_bytes for o in outputs)
             self.bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
 
-    @staticmethod
-    def _state(out: Output, lane: WriteBehind, any_order: bool) -> _State:
-        shard_of = {t.name: i for i, shard in enumerate(out.shards) for t in shard}
-        return _State(out, lane, any_order, shard_of, [len(s) for s in out.shards])
 
     # -- the pass ---------------------------------------------------------------------------------------------------
 
@@ -175,7 +116,7 @@ class _Pass:
             raise err
         return err is None
 
-    def _fail(self, st: _State, e: BaseException, on_lane: bool) -> None:
+    def _fail(self, st: OutputState, e: BaseException, on_lane: bool) -> None:
         if st.out.error is None:
             st.out.error = e
         if on_lane:
@@ -183,7 +124,7 @@ class _Pass:
         else:
             st.lane.submit(st.abort_writers)
 
-    def _submit(self, st: _State, fn: Callable[[], Any], cleanup: Callable[[], None] | None = None) -> None:
+    def _submit(self, st: OutputState, fn: Callable[[], Any], cleanup: Callable[[], None] | None = None) -> None:
         """Queue `fn` on the output's writer thread; it is skipped once the output failed, and its failure is the
         output's."""
         def task() -> None:
@@ -367,7 +308,7 @@ class _Pass:
             for m in live:
                 st = self.states[m.out]
 
-                def copy(m: Member = m, st: _State = st, begin: int = begin, nbytes: int = nbytes) -> None:
+                def copy(m: Member = m, st: OutputState = st, begin: int = begin, nbytes: int = nbytes) -> None:
                     try:
                         with self.reader.opened(info.path, info.stamp) as fd:
                             st.writer(st.shard_of[m.t.name]).copy_from(m.t.name, fd, info.offset + begin, nbytes)
