@@ -3,12 +3,15 @@
 
     python scripts/make_synthetic_model.py --preset {tiny,qwen3-1.7b,qwen3-8b} --out DIR
         [--seed N] [--rank 16] [--alpha 32] [--max-shard-size 2GB] [--quantize fp8-block]
+        [--adapter-name adapter] [--adapter-only]
 
 writes DIR/base/ (config.json, generation_config.json, a small real tokenizer and safetensors weights with the
 real architecture's key layout and shapes, sharded like transformers) and DIR/adapter/ (adapter_config.json and
 adapter_model.safetensors as PEFT saves them). With `--quantize fp8-block` the base is FP8 block-wise as
 DeepSeek-V3 and Qwen3-*-FP8 ship it: every linear weight F8_E4M3 with a float32 `weight_scale_inv` per 128x128 block,
-embeddings, norms and lm_head bf16, `quantization_config` `{"quant_method": "fp8", "weight_block_size": [128, 128]}`. No download, no model instantiation, and nothing beyond
+embeddings, norms and lm_head bf16, `quantization_config` `{"quant_method": "fp8", "weight_block_size": [128, 128]}`.
+`--adapter-only --adapter-name NAME --seed N --rank R` adds another adapter DIR/NAME/ for the base already in
+DIR/base (the base is a function of the seed, so it is not rewritten). No download, no model instantiation, and nothing beyond
 streammerge's own runtime dependencies (torch): it runs in a bare `pip install streammerge`.
 
 Memory stays bounded by the largest single tensor (the embedding: 1.2 GB for qwen3-8b): each shard is written
@@ -453,12 +456,22 @@ def main(argv=None) -> int:
     ap.add_argument("--max-shard-size", default="2GB", help="like transformers: 2GB = 2e9 bytes, 2GiB = 2^31")
     ap.add_argument("--quantize", choices=["fp8-block"], default=None,
                     help="write the base FP8 block-wise (F8_E4M3 linear weights, float32 128x128 block scales)")
+    ap.add_argument("--adapter-name", default="adapter", help="write the adapter to OUT/NAME (default: adapter)")
+    ap.add_argument("--adapter-only", action="store_true",
+                    help="write only the adapter, for the base already in OUT/base (other ranks or seeds)")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     log = (lambda *x: None) if a.quiet else (lambda *x: print(*x, flush=True))
 
     p = PRESETS[a.preset]
-    base, adapter = a.out / "base", a.out / "adapter"
+    base, adapter = a.out / "base", a.out / a.adapter_name
+    if a.adapter_only:
+        t0 = time.time()
+        adapter.mkdir(parents=True, exist_ok=True)
+        ab = write_adapter(adapter, p, a.rank, a.alpha, a.seed, str(base.resolve()))
+        log(f"adapter: {adapter}  r={a.rank} alpha={a.alpha}, {len(lora_module_shapes(p))} modules, {human(ab)} float32")
+        log(f"done in {time.time() - t0:.1f}s")
+        return 0
     for d in (base, adapter):
         d.mkdir(parents=True, exist_ok=True)
         for f in d.iterdir():  # stale shards of an earlier run with another shard size would confuse readers

@@ -120,6 +120,7 @@ class Adapter:
     _loaded: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _reader: TensorReader | None = field(default=None, repr=False)
     _factors: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict, repr=False)
+    _asked: set[str] = field(default_factory=set, repr=False)
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor stored under `key` (a zero-copy view where possible)."""
@@ -158,9 +159,18 @@ class Adapter:
                 raise NumericError(f"{self.weights_path}: adapter tensor {key} has {bad} NaN/Inf values (training "
                                    "diverged?); use an earlier checkpoint of the adapter")
         self._factors[key] = t
+        self._asked.add(key)
         while len(self._factors) > FACTOR_CACHE:
             self._factors.popitem(last=False)
         return t
+
+    def trim_factors(self) -> None:
+        """Forget the kept factors not asked for since the last trim. A batch merging many adapters at once trims
+        each after every tensor, so it keeps only what the current tensor uses (consecutive expert tensors that
+        share fused factors still find them)."""
+        for key in [k for k in self._factors if k not in self._asked]:
+            del self._factors[key]
+        self._asked.clear()
 
     def close(self) -> None:
         if self._reader is not None:

@@ -17,6 +17,7 @@ from .engine import one_torch_thread, write_shards
 from .io.checkpoint import open_checkpoint
 from .io.formats import DTYPE_NAMES, SAFETENSORS_INDEX_FILE
 from .io.hub import resolve
+from .io.journal import Journal, Resumable, open_journal
 from .io.output import check_free_space, check_output, resolve_output
 from .io.quant import RequantReport
 from .io.sharding import (
@@ -31,7 +32,7 @@ from .io.sidefiles import copy_side_files, side_files, write_config
 from .io.staging import Staging
 from .lineage import base_mismatch
 from .memory import MemoryMonitor, fmt_bytes
-from .options import OUT_DTYPES, block_bytes, parse_size
+from .options import OUT_DTYPES, block_bytes, check_threads, parse_size
 from .plan import OutTensor, Plan
 from .plan.combine import AdapterSet, check_weights, combined_side_files, is_combination, plan_adapters
 
@@ -78,6 +79,8 @@ def merge(
     max_memory: str | int | None = None,
     clamp_f16: bool = False,
     log: Log | None = None,
+    threads: int | None = None,
+    resume: bool = False,
 ) -> MergeSummary:
     """Merge a PEFT LoRA adapter into a safetensors checkpoint, tensor by tensor, into `output`.
 
@@ -86,8 +89,10 @@ def merge(
     `add_weighted_adapter(..., combination_type="cat")` (weights default to 1 each). `dtype` is "bf16", "f16",
     "f32", "auto" (keep each tensor's dtype) or "keep" (as auto, and a quantized base's quantization too: FP8 stays
     FP8, merged tensors re-quantized with fresh scales). A quantized base (FP8, compressed-tensors FP8, MXFP4,
-    bitsandbytes) is read dequantized. Nothing is written when `dry_run` is set or when planning finds a problem;
-    the output appears at `output` only when complete.
+    bitsandbytes) is read dequantized. `threads` compute row blocks at once (default: the cores this process may
+    use); the output bytes are the same for any number. With `resume`, the shards a killed run of the same merge
+    finished (and fsync'ed) in its staging folder are checked and reused (see io/journal.py). Nothing is written
+    when `dry_run` is set or when planning finds a problem; the output appears at `output` only when complete.
     """
     say = log or (lambda _msg: None)
     started = time.perf_counter()
@@ -98,10 +103,11 @@ def merge(
         raise ValueError("no adapter given")
     if is_combination(len(sources), weights):
         weights = list(check_weights(len(sources), weights))
+    threads = check_threads(threads)
     shard_limit = parse_size(max_shard_size)
     block = block_bytes(max_memory)
     output = Path(output).expanduser() if dry_run else resolve_output(output)
-    staging = Staging(output, overwrite)  # nothing happens on disk until it is entered
+    staging = Staging(output, overwrite, resume)  # nothing happens on disk until it is entered
 
     with staging.reporting_interrupts(), MemoryMonitor() as mem:
         if not dry_run:
@@ -133,8 +139,14 @@ def merge(
             if not dry_run:
                 check_free_space(output, plan.total_bytes + sum(p.stat().st_size for p in extra.values()))
                 with staging, one_torch_thread():
+                    options = {"dtype": dtype, "loader": loader, "layout": plan.layout, "max_shard_size": shard_limit,
+                               "block": block, "clamp_f16": clamp_f16, "weights": weights}
+                    members = lora.members if isinstance(lora, AdapterSet) else (lora,)
+                    journal = open_journal(staging, ckpt.files, [f for m in members for f in (m.config.path,
+                                                                                              m.weights_path)],
+                                           options, shards, names, say)
                     summary.bytes_written = _write(plan, shards, names, staging, lora, extra, dtype, block,
-                                                   progress, mem, clamp_f16, say)
+                                                   progress, mem, clamp_f16, say, threads, journal)
                     staging.commit()
                 summary.requantized = [t.quant.report for t in plan.tensors if t.quant and t.quant.report]
         finally:
@@ -171,12 +183,13 @@ def _say_plan(say: Log, plan: Plan, shards: int, dry_run: bool) -> None:
 
 def _write(plan: Plan, shards: list[list[PlannedTensor]], names: list[str], staging: Staging, lora: Adapter,
            extra: dict[str, Path], dtype: str, block: int, progress: bool, mem: MemoryMonitor, clamp_f16: bool,
-           say: Log) -> int:
+           say: Log, threads: int, journal: tuple[Journal, Resumable]) -> int:
     """Everything the output holds, into the staging folder, each file announced to the commit's check."""
     say(f"[2/3] Merge: writing {len(shards)} shard(s)")
     for shard, name in zip(shards, names):
         staging.expect(name, len(header_bytes(shard, DEFAULT_METADATA)[0]) + sum(t.nbytes for t in shard))
-    written = write_shards(plan, shards, names, staging.path, lora, block, progress, mem, clamp_f16)
+    written = write_shards(plan, shards, names, staging.path, lora, block, progress, mem, clamp_f16, threads,
+                           *journal)
     others = len([f for f in extra if f != "config.json"])
     say(f"[3/3] Write: index, config.json and {others} other file(s) (tokenizer, templates, code)")
     if len(shards) > 1:

@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="plan and validate, print the plan, write nothing")
     p.add_argument("--clamp-f16", action="store_true", help="with --dtype f16, clamp values beyond +-65504")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                   help="compute threads (default: the cores this process may use); the output is the same for any N")
+    p.add_argument("--resume", action="store_true",
+                   help="go on with the merge a killed run (kill -9, OOM, crash; or an interrupted --resume run) "
+                        "left unfinished for this --output: its finished shards are checked and reused")
     p.add_argument("--verify", action="store_true",
                    help="after merging, check sampled rows of every tensor against an independent float64 "
                         "reference, as 'streammerge verify' does (exit 9 on a difference)")
@@ -251,7 +256,7 @@ def _merge(args: argparse.Namespace, token: str | None, record: dict[str, Any] |
         args.base, args.adapter, args.output, weights=args.weights, dtype=args.dtype, loader=args.loader,
         max_shard_size=args.max_shard_size, overwrite=args.overwrite, dry_run=args.dry_run, hf_token=token,
         progress=not args.no_progress and sys.stderr.isatty(), max_memory=args.max_memory,
-        clamp_f16=args.clamp_f16, log=print,
+        clamp_f16=args.clamp_f16, log=print, threads=args.threads, resume=args.resume,
     )
     try:
         from .results import requant_lines, summary_fields

@@ -1,13 +1,12 @@
 """`streammerge batch JOBS`: every job of a job file, a result line per job, the worst job's exit code.
 
-Locally the jobs go to the batch engine (`streammerge.batch.merge_many`) when this installation has one, else
-one after another through `streammerge.merge`; with --ray they run as tasks on a Ray cluster (distributed.py).
+Locally the jobs are merged in one pass over the base (`streammerge.batch.merge_many`); with --ray they run as
+tasks on a Ray cluster (distributed.py), each a normal streaming merge.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from typing import Any
 
 from .cli import _check_sizes, _finished, _Parser, _printer, _run
 from .cli_json import emit
-from .jobs import BatchSpec, Job, JobResult, Resources
+from .jobs import BatchSpec, JobResult, Resources
 
 DESCRIPTION = """\
 Run every job of a job file: one base, one output per job, each an adapter or a weighted combination of adapters.
@@ -112,23 +111,11 @@ def _batch(args: argparse.Namespace, token: str | None) -> int:
 
 
 def _run_locally(spec: BatchSpec, token: str | None, on_result: Any, progress: bool, say: Any) -> None:
-    """The batch engine when this installation has one, else the jobs one after another."""
-    try:
-        engine = importlib.import_module(f"{__package__}.batch")
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.batch":
-            raise
-        engine = None
-    if engine is not None:
-        for i, result in enumerate(engine.merge_many(spec, hf_token=token)):
-            on_result(i, result)
-        return
-    from .jobrun import run_one_by_one
+    """Every job in one pass over the base (`streammerge.batch.merge_many`)."""
+    from .batch import merge_many
 
-    def log(job: Job) -> Any:
-        return lambda text: say(f"[{job.label}] {text}")
-
-    run_one_by_one(spec, hf_token=token, on_result=on_result, log=log, progress=progress)
+    for i, result in enumerate(merge_many(spec, progress=progress, hf_token=token, log=say)):
+        on_result(i, result)
 
 
 def _result_line(i: int, total: int, result: JobResult) -> str:

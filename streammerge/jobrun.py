@@ -1,7 +1,7 @@
 """One job of a batch file run as a normal streaming merge (`streammerge.merge`), its outcome as a JobResult.
 
-Used by `streammerge batch` when the jobs run one after another in this process, and by each task of the
-distributed engine (distributed.py) on whichever machine runs it.
+Used by each task of the distributed engine (distributed.py) on whichever machine runs it; a local batch goes
+through the one-pass engine (batch.py) instead.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import StreamMergeError
-from .jobs import BatchSpec, Job, JobResult
+from .jobs import Job, JobResult
 
 Log = Callable[[str], None]
 
@@ -57,22 +57,6 @@ def os_error_result(job: Job, e: OSError, hf_token: str | None = None, attempts:
     where = f"{e.filename}: " if getattr(e, "filename", None) else ""
     return JobResult(job, ok=False, exit_code=6, attempts=attempts,
                      error=_one_line(f"{where}{e.strerror or e}; check the disk and the paths given", hf_token))
-
-
-def run_one_by_one(spec: BatchSpec, *, hf_token: str | None = None, on_result: Callable[[int, JobResult], None],
-                   log: Callable[[Job], Log] | None = None, progress: bool = False) -> list[JobResult]:
-    """Every job after the other in this process; `on_result(index, result)` as each ends."""
-    options = merge_options(spec.options)
-    results = []
-    for i, job in enumerate(spec.jobs):
-        try:
-            result = run_job(spec.base, job, options, hf_token=hf_token, log=log(job) if log else None,
-                             progress=progress)
-        except OSError as e:
-            result = os_error_result(job, e, hf_token)
-        on_result(i, result)
-        results.append(result)
-    return results
 
 
 def _one_line(text: str, token: str | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -62,3 +63,20 @@ def block_bytes(max_memory: str | int | None) -> int:
     budget = parse_size(max_memory)
     # a float32 block lives ~3 times at once (source upcast, delta, output cast): keep that well inside the budget
     return max(64 * 1024, min(DEFAULT_BLOCK_BYTES, budget // 16))
+
+
+def default_threads() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and `taskset` narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads: int | None) -> int:
+    """The compute threads for `threads` (None: `default_threads()`); ValueError for anything but a positive int."""
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, not {threads!r}")
+    return threads

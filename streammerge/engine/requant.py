@@ -6,63 +6,60 @@ and shape). The weight and its new scale go into one shard opened with `any_orde
 comes before the F8 weight in the file, but each block's scale rows are known only once its rows are. A scale
 per tensor needs the largest merged value first: its rows are computed twice. How far quantization moved the
 values from the float32 merge (max and mean absolute error) goes into the tensor's `RequantReport`.
+
+These tensors are computed on the thread that reads the base (the re-quantizer keeps per-tensor state); only
+their writes go to the writer thread.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-from ..adapter import Adapter
-from ..io.reader import TensorReader
-from ..io.writer import ShardWriter
-from ..plan import OutTensor
-from .pipeline import BufferPool, WriteBehind
-from .rows import TensorRows
+from .rows import TensorRows, Workspace
 
 
-def emit_requantized(t: OutTensor, by_name: dict[str, OutTensor], writer: ShardWriter, reader: TensorReader,
-                     lora: Adapter, block_bytes: int, sink: WriteBehind, pool: BufferPool, bar: Any) -> int:
-    """Queue the re-quantized rows of `t` and the rows of its new scale; returns the bytes queued."""
+@dataclass
+class RequantBlock:
+    """Rows [r0, r1) re-quantized: the F8 codes (a view into `buf`, which the caller owns from then on) and, when
+    this block completes rows of the scale tensor, those scale rows (a tensor of their own)."""
+
+    r0: int
+    r1: int
+    codes: torch.Tensor
+    buf: torch.Tensor
+    scale: torch.Tensor | None
+
+
+def requantized_blocks(tr: TensorRows, take: Callable[[int], torch.Tensor]) -> Iterator[RequantBlock]:
+    """The merged rows of `tr`'s tensor re-quantized block by block, on the calling thread."""
+    t = tr.t
     assert t.quant is not None and t.quant.requant is not None and t.quant.report is not None
     rq, report = t.quant.requant, t.quant.report
-    scale_t = by_name[rq.scale.name]
-    tr = TensorRows(t, reader, lora, block_bytes)
-    tr.prepass()
+    ws = Workspace()
+    src_buf = torch.empty(tr.source_nbytes(0, min(tr.step, tr.rows)), dtype=torch.uint8)
+
+    def merged(r0: int, r1: int) -> torch.Tensor:
+        w = tr.merged(r0, r1, tr.source(r0, r1, src_buf), ws)
+        return w if w.dtype == torch.float32 else w.float()
+
+    for i in tr.prepasses():
+        for r0, r1 in tr.spans():
+            tr.ops[i].combine(tr.partial(i, r0, r1, tr.source(r0, r1, src_buf), ws))
+        tr.ops[i].settle()
     session = rq.session()  # its buffers go with it when this tensor is done
     if rq.whole_tensor:
         for r0, r1 in tr.spans():
-            session.observe(_f32(tr.merged(r0, r1)), r0, r1)
-    total = 0
+            session.observe(merged(r0, r1), r0, r1)
     for r0, r1 in tr.spans():
-        w = _f32(tr.merged(r0, r1))
+        w = merged(r0, r1)
         nbytes = (r1 - r0) * tr.cols
-        buf = pool.take(nbytes)
+        buf = take(nbytes)
         q = buf[:nbytes].view(torch.float8_e4m3fn).view(r1 - r0, tr.cols)
         scale, dq = session.quantize(w, r0, r1, q)
         report.add(dq.sub_(w), w)
         s0, s1 = rq.scale_rows(r0, r1)
-        if s1 > s0:
-            scale = scale.contiguous().clone()  # its own memory: the requantizer reuses its buffers
-
-            def write_scale(scale: torch.Tensor = scale) -> None:
-                writer.write(scale_t.name, scale)
-
-            sink.submit(write_scale)
-            total += scale.numel() * scale.element_size()
-
-        def write(q: torch.Tensor = q) -> None:
-            writer.write(t.name, q)
-
-        sink.submit(write, buf)
-        total += nbytes
-        if bar is not None:
-            bar.update(nbytes)
-    if bar is not None:
-        bar.update(scale_t.nbytes)
-    return total
-
-
-def _f32(w: torch.Tensor) -> torch.Tensor:
-    return w if w.dtype == torch.float32 else w.float()
+        # its own memory: the re-quantizer reuses its buffers
+        yield RequantBlock(r0, r1, q, buf, scale.contiguous().clone() if s1 > s0 else None)

@@ -1,16 +1,18 @@
 """One output tensor, row block by row block: read the source rows, apply the planned operations in float32,
 check the result, round once to the output dtype.
 
-Blocks are whole matmul tiles (`kernels.tile_rows`), so the output bytes do not depend on the block size. Source
-rows are read with pread (never mapped: a file truncated meanwhile is an error, not SIGBUS) into buffers reused
-by every block; the base's next block is read ahead while this one is computed.
+Blocks are whole matmul tiles (`kernels.tile_rows`), so the output bytes do not depend on the block size, nor on
+which thread computes a block: a `TensorRows` is shared by the compute threads, each of which brings its own
+`Workspace` (scratch buffers). Source rows are read with pread (never mapped: a file truncated meanwhile is an
+error, not SIGBUS) into buffers the caller owns.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -29,8 +31,9 @@ F16_MAX = 65504.0
 
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
-    """Row-block math on one intra-op thread: with two, OpenMP workers spin between the many small kernels and
-    starve the writer thread (measured on the 1.7B model, 2 cores: 25 s wall with 2 threads, 7.6 s with 1)."""
+    """Every torch call on one intra-op thread: with two, OpenMP workers spin between the many small kernels and
+    starve the writer thread (measured on the 1.7B model, 2 cores: 25 s wall with 2 threads, 7.6 s with 1). The
+    engine's parallelism is whole row blocks on threads of its own (they inherit this setting)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -50,9 +53,33 @@ def _new_buffer(nbytes: int) -> torch.Tensor:
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
+class Workspace:
+    """The float32 scratch buffers of one compute thread, reused by every block it computes (grown on demand)."""
+
+    def __init__(self) -> None:
+        self._f32 = [torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.float32)]
+
+    def f32(self, slot: int, numel: int) -> torch.Tensor:
+        if self._f32[slot].numel() < numel:
+            self._f32[slot] = torch.empty(0, dtype=torch.float32)  # let the old one go first
+            self._f32[slot] = torch.empty(numel, dtype=torch.float32)
+        return self._f32[slot][:numel]
+
+
+@dataclass
+class BlockOut:
+    """What computing one block gave: its rounded rows (None when float16 overflow kept it from being written), and
+    the overflow seen (how many values, the first row)."""
+
+    rows: torch.Tensor | None
+    overflow: int = 0
+    first: int = -1
+
+
 class TensorRows:
     """The rows of one planned output tensor, viewed 2-D as `[rows, cols]` (ConvNd kernels and fused experts'
-    matrices flattened into cols)."""
+    matrices flattened into cols). Shared by the threads that compute its blocks; the operations are prepared
+    once, on the thread that builds it."""
 
     def __init__(self, t: OutTensor, reader: TensorReader, lora: Adapter, block_bytes: int = DEFAULT_BLOCK_BYTES,
                  clamp_f16: bool = False) -> None:
@@ -60,72 +87,61 @@ class TensorRows:
         self.rows = t.shape[0] if t.shape else 1
         self.cols = math.prod(t.shape[1:]) if t.shape else 1
         self.out_dtype = DTYPES[t.dtype]
+        self.out_itemsize = torch.empty((), dtype=self.out_dtype).element_size()
         qt = t.quant.tensor if t.quant is not None else None
         self.step = block_rows(block_bytes, self.cols, qt.fmt.row_align(qt) if qt is not None else 1)
         self.ops: list[Prepared] = [op.prepare(lora) for op in t.ops]
-        # a quantized base's rows come dequantized, in float32
+        # a quantized base's rows come dequantized, in float32 (read and dequantized on the reading thread)
         self.quant = qt.rows(reader) if qt is not None and t.replacement is None else None
-        src_dtype = lora.dtypes[t.replacement] if t.replacement is not None else _base(t).torch_dtype
+        self.src_dtype = (lora.dtypes[t.replacement] if t.replacement is not None else
+                          torch.float32 if self.quant is not None else _base(t).torch_dtype)
         # half <-> half casts (bf16 -> f16) run ~3x faster on the CPU through float32 than directly
         half = (torch.float16, torch.bfloat16)
-        self.via_f32 = (not self.ops and self.quant is None and src_dtype in half and self.out_dtype in half
-                        and src_dtype != self.out_dtype)
-        # float32 scratch reused by every block of this tensor: no allocation (and no page faults) per block
-        size = min(self.step, self.rows) * self.cols
-        self._scratch = torch.empty(size, dtype=torch.float32) if self.ops or self.via_f32 else None
-        self._second: torch.Tensor | None = None  # for the ops that want one, made on first use
-        self._src_buf = None
-        if t.replacement is not None:
-            self._src_buf = reader.buffer(size * lora.dtypes[t.replacement].itemsize)
+        self.via_f32 = (not self.ops and self.src_dtype in half and self.out_dtype in half
+                        and self.src_dtype != self.out_dtype)
 
     def spans(self) -> Iterator[tuple[int, int]]:
         for r0 in range(0, self.rows, self.step):
             yield r0, min(self.rows, r0 + self.step)
 
-    def source(self, r0: int, r1: int) -> torch.Tensor:
-        """Rows [r0, r1) of the tensor the merge starts from (the base, or the adapter's replacement), as stored
-        (a quantized base's dequantized, in float32)."""
+    def source_nbytes(self, r0: int, r1: int) -> int:
+        return (r1 - r0) * self.cols * self.src_dtype.itemsize
+
+    def out_nbytes(self, r0: int, r1: int) -> int:
+        return (r1 - r0) * self.cols * self.out_itemsize
+
+    def source(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows [r0, r1) of the tensor the merge starts from (the base, or the adapter's replacement), as stored,
+        read into the byte buffer `out` (at least `source_nbytes` long)."""
         t = self.t
         if t.replacement is not None:
-            return self.lora.read_rows(t.replacement, r0, r1, self._src_buf).reshape(r1 - r0, self.cols)
+            return self.lora.read_rows(t.replacement, r0, r1, out).reshape(r1 - r0, self.cols)
         if self.quant is not None:
-            return self.quant.rows(r0, r1)
-        return self.reader.next_rows(_base(t), r0, r1).reshape(r1 - r0, self.cols)
+            rows = out[:self.source_nbytes(r0, r1)].view(torch.float32).view(r1 - r0, self.cols)
+            return rows.copy_(self.quant.rows(r0, r1))  # the format's buffers are reused by its next block
+        return self.reader.read_rows(_base(t), r0, r1, out).reshape(r1 - r0, self.cols)
 
-    def _view(self, buf: torch.Tensor | None, r0: int, r1: int) -> torch.Tensor:
-        assert buf is not None
-        return buf[: (r1 - r0) * self.cols].view(r1 - r0, self.cols)
-
-    def _block(self, r0: int, r1: int) -> Block:
-        def second() -> torch.Tensor:
-            if self._second is None:
-                assert self._scratch is not None
-                self._second = torch.empty_like(self._scratch)
-            return self._view(self._second, r0, r1)
-
-        return Block(r0, r1, second)
-
-    def compute(self, r0: int, r1: int, src: torch.Tensor, upto: int | None = None) -> torch.Tensor:
-        """The block in float32 after the operations (the first `upto` of them)."""
-        w = self._view(self._scratch, r0, r1)
+    def compute(self, r0: int, r1: int, src: torch.Tensor, ws: Workspace, upto: int | None = None) -> torch.Tensor:
+        """The block in float32 after the operations (the first `upto` of them), in `ws`'s scratch."""
+        n = (r1 - r0) * self.cols
+        w = ws.f32(0, n).view(r1 - r0, self.cols)
         w.copy_(src)
-        block = self._block(r0, r1)
+        block = Block(r0, r1, lambda: ws.f32(1, n).view(r1 - r0, self.cols))
         for p in self.ops[:upto]:
             p.apply(w, block)
         return w
 
-    def prepass(self) -> None:
-        """Operations that need every row first (DoRA's column norms) see each block before any is written."""
-        for i, p in enumerate(self.ops):
-            if p.prepass:
-                for r0, r1 in self.spans():
-                    p.observe(self.compute(r0, r1, self.source(r0, r1), upto=i))
+    def partial(self, i: int, r0: int, r1: int, src: torch.Tensor, ws: Workspace) -> torch.Tensor:
+        """Block [r0, r1)'s share of the prepass statistic of operation `i` (see `Prepared.partial`)."""
+        return self.ops[i].partial(self.compute(r0, r1, src, ws, upto=i))
 
-    def merged(self, r0: int, r1: int) -> torch.Tensor:
+    def prepasses(self) -> list[int]:
+        return [i for i, p in enumerate(self.ops) if p.prepass]
+
+    def merged(self, r0: int, r1: int, src: torch.Tensor, ws: Workspace) -> torch.Tensor:
         """Rows [r0, r1) ready to be rounded: float32 when computed or cast through float32, else the source."""
-        src = self.source(r0, r1)
         if self.ops:
-            w = self.compute(r0, r1, src)
+            w = self.compute(r0, r1, src, ws)
             if not kernels.all_finite(w):
                 bad = kernels.nonfinite_count(w)
                 origin = "the base tensor already has NaN/Inf values" if kernels.nonfinite_count(src) else \
@@ -134,10 +150,29 @@ class TensorRows:
                                    f"({origin}); check the base and adapter files")
             return w
         if self.via_f32:
-            w = self._view(self._scratch, r0, r1)
+            w = ws.f32(0, (r1 - r0) * self.cols).view(r1 - r0, self.cols)
             w.copy_(src)
             return w
         return src
+
+    def finish(self, r0: int, r1: int, src: torch.Tensor, buf: torch.Tensor, ws: Workspace) -> BlockOut:
+        """Rows [r0, r1) merged, checked and rounded once into the byte buffer `buf`."""
+        w = self.merged(r0, r1, src, ws)
+        if self.out_dtype == torch.float16 and w.dtype != torch.float16:
+            count, first = f16_overflow(w)
+            if count and not self.clamp_f16:
+                return BlockOut(None, count, r0 + first)
+            if count:
+                w = w.clamp(-F16_MAX, F16_MAX)
+        nbytes = self.out_nbytes(r0, r1)
+        y = buf[:nbytes].view(self.out_dtype).view(r1 - r0, self.cols)
+        y.copy_(w)
+        return BlockOut(y)
+
+
+def f16_overflow_error(name: str, count: int, first: int) -> NumericError:
+    return NumericError(f"{name}: {count} values exceed the float16 range (first in row {first}); use --dtype bf16 "
+                        "or f32, or pass --clamp-f16 to clamp them to +-65504")
 
 
 def _base(t: OutTensor) -> TensorInfo:
@@ -145,41 +180,31 @@ def _base(t: OutTensor) -> TensorInfo:
     return t.base
 
 
-def merged_rows(
-    t: OutTensor, reader: TensorReader, lora: Adapter, block_bytes: int = DEFAULT_BLOCK_BYTES,
-    clamp_f16: bool = False, blocks: Callable[[int, int], bool] | None = None,
-    take: Callable[[int], torch.Tensor] = _new_buffer,
-) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """Yield `(r0, r1, rows, buffer)`: rows of the output tensor in the output dtype as a 2-D `[rows, cols]`
-    view into `buffer` (a byte buffer from `take(nbytes)`, which the caller owns from then on).
-
-    `blocks(r0, r1)` may skip blocks; a DoRA column norm still reads every row.
-    """
+def merged_rows(t: OutTensor, reader: TensorReader, lora: Adapter, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                clamp_f16: bool = False) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield `(r0, r1, rows)` computed on the calling thread: rows of the output tensor in the output dtype as a
+    2-D `[rows, cols]` tensor of its own. The engine (stream.py) computes the same blocks on several threads; this
+    is the plain sequential form of the same steps."""
     tr = TensorRows(t, reader, lora, block_bytes, clamp_f16)
-    tr.prepass()
-    itemsize = torch.empty((), dtype=tr.out_dtype).element_size()
+    ws = Workspace()
+
+    def source(r0: int, r1: int) -> torch.Tensor:
+        return tr.source(r0, r1, _new_buffer(tr.source_nbytes(r0, r1)))
+
+    for i in tr.prepasses():
+        for r0, r1 in tr.spans():
+            tr.ops[i].combine(tr.partial(i, r0, r1, source(r0, r1), ws))
+        tr.ops[i].settle()
     overflow: list[int] = []  # [count, first row] once float16 overflow was seen: count it all, then refuse
     for r0, r1 in tr.spans():
-        if blocks is not None and not blocks(r0, r1):
-            continue
-        w = tr.merged(r0, r1)
-        if tr.out_dtype == torch.float16 and w.dtype != torch.float16:
-            count, first = f16_overflow(w)
-            if count and not clamp_f16:
-                overflow = overflow or [0, r0 + first]
-                overflow[0] += count
-            elif count:
-                w = w.clamp(-F16_MAX, F16_MAX)
-        if overflow:
-            continue
-        nbytes = (r1 - r0) * tr.cols * itemsize
-        buf = take(nbytes)
-        y = buf[:nbytes].view(tr.out_dtype).view(r1 - r0, tr.cols)
-        y.copy_(w)
-        yield r0, r1, y, buf
+        out = tr.finish(r0, r1, source(r0, r1), _new_buffer(tr.out_nbytes(r0, r1)), ws)
+        if out.rows is None:
+            overflow = overflow or [0, out.first]
+            overflow[0] += out.overflow
+        if not overflow and out.rows is not None:
+            yield r0, r1, out.rows
     if overflow:
-        raise NumericError(f"{t.name}: {overflow[0]} values exceed the float16 range (first in row {overflow[1]}); "
-                           "use --dtype bf16 or f32, or pass --clamp-f16 to clamp them to +-65504")
+        raise f16_overflow_error(t.name, overflow[0], overflow[1])
 
 
 def f16_overflow(w: torch.Tensor) -> tuple[int, int]:

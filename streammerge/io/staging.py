@@ -1,6 +1,7 @@
 """The output is built in a hidden staging folder beside --output, locked against a second merge into the same
 place, fsync'ed, checked complete, and renamed into place. A killed merge leaves nothing at --output that looks
-complete; the next run (which holds the lock) removes its stale staging folders."""
+complete; the next run (which holds the lock) removes its stale staging folders, or, with `resume`, adopts the
+one whose journal says what it holds (io/journal.py decides what of it may be reused)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Interrupted, OutputError
+from .journal import JOURNAL_NAME
 from .output import STAGING_TAG, lock_path, refuse_foreign, staging_dirs
 
 
@@ -49,11 +51,18 @@ class Staging:
 
     Files the merge writes are declared with `expect`; `commit` publishes the folder only when every one of them
     is there with its size. `published` says whether --output already holds the new merge (for messages).
+
+    With `resume`, a staging folder a killed run left (its owner is provably gone: we hold the lock it held) is
+    taken over when it has a journal (`adopted`), and an interrupt leaves the folder in place for the next
+    `--resume` instead of removing it.
     """
 
-    def __init__(self, output: Path, overwrite: bool) -> None:
+    def __init__(self, output: Path, overwrite: bool, resume: bool = False) -> None:
         self.output = output.absolute()
         self.overwrite = overwrite
+        self.resume = resume
+        self.adopted = False
+        self.kept = False  # an interrupt left the folder for --resume
         self.parent = self.output.parent
         self.prefix = f".{self.output.name}{STAGING_TAG}"
         self.path = self.parent / f"{self.prefix}{os.getpid()}"
@@ -75,13 +84,20 @@ class Staging:
                                   "another --output") from None
             self._lock()
             try:
+                adopt = self._adoptable() if self.resume else None
                 for stale in staging_dirs(self.output):
                     # a killed run's staging (or replaced) folder: we hold its output's lock, so its owner is gone
+                    if stale == adopt:
+                        continue
                     if stale.is_dir() and not stale.is_symlink():
                         shutil.rmtree(stale, ignore_errors=True)
                     else:
                         stale.unlink(missing_ok=True)
-                self.path.mkdir()
+                if adopt is not None:
+                    os.rename(adopt, self.path)
+                    self.adopted = True
+                else:
+                    self.path.mkdir()
                 st = os.stat(self.path)
                 self._inode = (st.st_dev, st.st_ino)
             except OSError as e:
@@ -92,6 +108,20 @@ class Staging:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _adoptable(self) -> Path | None:
+        """The stale staging folder (not a replaced output) with the newest journal, if any."""
+        best: tuple[int, Path] | None = None
+        for d in staging_dirs(self.output):
+            if d.name.startswith(f"{self.prefix}old-") or d.is_symlink() or not d.is_dir():
+                continue
+            try:
+                st = os.lstat(d / JOURNAL_NAME)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and (best is None or st.st_mtime_ns > best[0]):
+                best = (st.st_mtime_ns, d)
+        return best[1] if best else None
 
     def _lock(self) -> None:
         """flock a lock file beside the output. flock dies with the process, so kill -9 never leaves a stale lock.
@@ -191,6 +221,8 @@ class Staging:
         interrupt during the swap is delivered once it is done.
         """
         try:
+            for scratch in (JOURNAL_NAME, JOURNAL_NAME + ".tmp"):  # the resume journal is not part of the output
+                (self.path / scratch).unlink(missing_ok=True)
             self._check_complete()
             for path in sorted(self.path.rglob("*"), reverse=True):  # files, then their folders
                 _fsync_path(path)
@@ -234,6 +266,9 @@ class Staging:
         if self.published:
             replaced = "; the previous output was replaced" if self.replacing else ""
             return f"interrupted after the merge was complete: {self.output} holds the new merged model{replaced}"
+        if self.kept:
+            return (f"interrupted; {self.output} was left as it was; the finished shards stay in {self.path} for "
+                    "the same command with --resume")
         if self.replacing:
             return f"interrupted; {self.output} was left as it was (the unfinished merge was removed)"
         if self.entered:
@@ -254,7 +289,10 @@ class Staging:
         # a Ctrl-C during the cleanup waits for it: never a staging folder or a lock file left behind
         with signals_deferred():
             try:
-                if self.path.is_symlink():
+                if self.resume and exc_type is not None and issubclass(exc_type, KeyboardInterrupt) and \
+                        not self.published and (self.path / JOURNAL_NAME).is_file():
+                    self.kept = True  # the lock goes with us: the next --resume may take the folder over
+                elif self.path.is_symlink():
                     self.path.unlink()
                 elif self.path.exists():
                     shutil.rmtree(self.path, ignore_errors=True)

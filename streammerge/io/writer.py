@@ -72,11 +72,15 @@ class ShardWriter:
     With `any_order`, tensors may come in any order (each one's own bytes still in order): they are written at
     their planned offsets, so a caller can compute them in the order it reads its sources, or write a tensor
     whose bytes come before another's in the file after it.
+
+    With `resume=(durable, tensors)` the file a killed run left is continued instead of created: its header must
+    be the planned one, it is cut back to its first `durable` bytes (the end of its first `tensors` tensors, as
+    `sync` reported them), and writing goes on with the next tensor.
     """
 
     def __init__(
         self, path: Path, tensors: Sequence[PlannedTensor], metadata: Mapping[str, str] | None = DEFAULT_METADATA,
-        *, writeback: bool = False, any_order: bool = False,
+        *, writeback: bool = False, any_order: bool = False, resume: tuple[int, int] | None = None,
     ) -> None:
         self.path = Path(path)
         self._wb = None
@@ -95,21 +99,61 @@ class ShardWriter:
         self._buf = bytearray()
         self.state = WriterState.OPEN
         self._fd = -1
+        flags = (os.O_RDWR | os.O_NOFOLLOW) if resume else (os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         try:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+            self._fd = os.open(self.path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         except IsADirectoryError:
             raise OutputError(f"{self.path} is a directory: choose another --output") from None
         except OSError as exc:
             raise output_error(exc, self.path, self._total) from None
-        if writeback:
-            from .writeback import Writeback
-
-            self._wb = Writeback(self._fd)
         try:
-            self._put(memoryview(header))
+            if resume:
+                self._continue(header, *resume)
+            if writeback:
+                from .writeback import Writeback
+
+                self._wb = Writeback(self._fd)
+            if not resume:
+                self._put(memoryview(header))
         except BaseException:
             self.abort()
             raise
+
+    def _continue(self, header: bytes, durable: int, tensors: int) -> None:
+        """Take over a file whose first `tensors` tensors (`durable` bytes) were written and fsync'ed before."""
+        if self.any_order or not 0 <= tensors <= len(self.order) or \
+                durable != (self._start[tensors] if tensors < len(self.order) else self._total):
+            raise WriterStateError(f"{self.path}: cannot resume after {tensors} tensors at byte {durable}")
+        try:
+            if os.pread(self._fd, len(header), 0) != header:
+                raise WriterStateError(f"{self.path}: the file to resume has another header than planned")
+            os.ftruncate(self._fd, durable)
+            os.lseek(self._fd, durable, os.SEEK_SET)
+        except OSError as exc:
+            raise self._fail(exc) from None
+        for i in range(tensors):
+            self._got[i] = self.order[i].nbytes
+        self._cursor, self._pos, self._high = tensors, durable, durable
+
+    @property
+    def position(self) -> int:
+        """Bytes handed to the file so far in stream order (the header included)."""
+        return self._pos
+
+    def sync(self) -> tuple[int, int]:
+        """Flush and fdatasync what was written; returns (bytes durable, leading tensors complete): what
+        `resume=` takes to continue the file (in-order writers only)."""
+        if self.any_order or self.state is not WriterState.OPEN:
+            raise WriterStateError(f"{self.path}: sync needs an open in-order writer")
+        self._flush()
+        try:
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise self._fail(exc) from None
+        tensors = 0
+        while tensors < len(self.order) and self._got[tensors] == self.order[tensors].nbytes:
+            tensors += 1
+        return (self._start[tensors] if tensors < len(self.order) else self._total), tensors
 
     # -- bookkeeping ----------------------------------------------------------------------------------------------
 

@@ -84,6 +84,10 @@ class AdapterSet(Adapter):
         m, k = self.member(key)
         return m.factor(k)
 
+    def trim_factors(self) -> None:
+        for m in self.members:
+            m.trim_factors()
+
     def close(self) -> None:
         for m in self.members:
             m.close()

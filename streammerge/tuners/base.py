@@ -50,14 +50,22 @@ class Block:
 class Prepared:
     """An operation with its adapter tensors loaded, applied to one float32 row block after another.
 
-    Operations with `prepass` see every row block once (`observe`) before the first `apply` (DoRA's column norms
-    run over all rows).
+    `apply` may run on several threads at once (one block each): it must not change the object. Operations with
+    `prepass` need statistics over every row first (DoRA's column norms): `partial(w)` computes one block's share
+    (on any thread), `combine` adds the shares in block order (so the sum does not depend on the thread count), and
+    `settle` runs once after the last share, before the first `apply`.
     """
 
     prepass: bool = False
 
-    def observe(self, w: Tensor) -> None:
+    def partial(self, w: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def combine(self, part: Tensor) -> None:
+        raise NotImplementedError
+
+    def settle(self) -> None:
+        """Called once after the prepass (and only for `prepass` operations)."""
 
     def apply(self, w: Tensor, block: Block) -> None:
         raise NotImplementedError
@@ -85,7 +93,7 @@ class Op:
     arithmetic: ClassVar[bool] = True
     # verify views the tensor as [E*d1, d2] (one row per row of one expert's matrix) instead of [dim0, rest]
     expert_rows: ClassVar[bool] = False
-    # the formula needs statistics over every row first (`Prepared.observe`, `Reference.column_norms`)
+    # the formula needs statistics over every row first (`Prepared.partial`, `Reference.column_norms`)
     prepass: ClassVar[bool] = False
 
     def describe(self) -> str:

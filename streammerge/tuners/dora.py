@@ -84,15 +84,19 @@ class _ColsPrepared(Prepared):
         self.col_sq: Tensor | None = None
         self.col_norms: Tensor | None = None
 
-    def observe(self, w: Tensor) -> None:
-        sq = kernels.column_sq_norms(w).double()
+    def partial(self, w: Tensor) -> Tensor:
+        return kernels.column_sq_norms(w).double()
+
+    def combine(self, part: Tensor) -> None:
         if self.col_sq is None:
-            self.col_sq = torch.zeros_like(sq)
-        self.col_sq += sq
+            self.col_sq = torch.zeros_like(part)
+        self.col_sq += part
+
+    def settle(self) -> None:
+        if self.col_sq is not None:
+            self.col_norms = self.col_sq.sqrt().float()
 
     def apply(self, w: Tensor, block: Block) -> None:
-        if self.col_norms is None and self.col_sq is not None:
-            self.col_norms = self.col_sq.sqrt().float()
         if self.col_norms is not None:
             kernels.dora_cols(w, self.v, self.col_norms)
 
