@@ -3,11 +3,13 @@
 
     python scripts/bench.py --base DIR --adapter DIR [--rounds 3] [--work DIR] [--peft/--no-peft]
         [--extra-args "--max-memory 256MB"] [--variant NAME="ARGS" ...] [--label NAME] [--out docs/performance.md]
-        [--verify/--no-verify]
+        [--verify/--no-verify] [--batch-adapters DIR DIR ...] [--resume-at 0.8] [--compare A/B ...]
 
 Each round runs, alternating, (a) `cp -r BASE WORK/cp-out`, (b) `python -m streammerge ... --output WORK/sm-out
 --overwrite EXTRA` (or, with `--variant`, one streammerge contender per variant, each with its own arguments, e.g.
-`--variant bf16="" --variant keep="--dtype keep"` on an FP8 base), (c) when transformers and peft are importable and
+`--variant bf16="" --variant keep="--dtype keep"` on an FP8 base; a variant whose ARGS hold `--adapter DIR` merges
+that adapter instead of --adapter, e.g. `--variant r128="--adapter r128 --threads 1"`), (c) when transformers and peft
+are importable and
 --no-peft is not given, the PEFT path
 (from_pretrained bf16 -> PeftModel.from_pretrained -> merge_and_unload -> save_pretrained + tokenizer copy) in a
 subprocess. Page cache is not dropped: one untimed `cp -r` of the base (and a read of the adapter) warms it first,
@@ -20,6 +22,12 @@ descendants, sampled every ~20 ms from /proc (file-backed mmap pages, e.g. safet
 peak total RSS is recorded for information. The report (stdout and a markdown section appended to --out) gives
 every round, the medians, and the medians of the per-round ratios streammerge/cp and peft/streammerge.
 Exits non-zero when streammerge fails (the failure is reported, the other contenders still run).
+
+`--batch-adapters A B C D` adds two contenders: `singles xN`, the N merges one after the other (one shell
+command), and `batch xN`, `streammerge batch` of the same N jobs in one pass; their ratio is reported. `--resume-at F`
+adds `resume@F`: untimed, the plain merge is started and SIGKILLed once its staging folder holds F of the base's
+bytes; timed, the same command with `--resume` finishes it (its ratio to the full `streammerge` run is reported).
+`--compare A/B` reports the median per-round wall ratio of any two contenders.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib.util
+import json
 import os
 import platform
 import resource
@@ -38,6 +47,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -404,6 +414,9 @@ def render(b: Bench, info: dict, args, cmdline: str, floor: RunResult | None, no
 
     for name in sm_names:
         L.append(f"- Median of per-round ratios: {name}/cp wall = {med_ratio(name, 'cp', 'wall')}")
+    for pair in args.compare:
+        num, den = pair.split("/", 1)
+        L.append(f"- Median of per-round ratios: {num}/{den} wall = {med_ratio(num, den, 'wall')}")
     if b.of("peft") and b.of("streammerge"):
         L.append(f"- peft/streammerge wall = {med_ratio('peft', 'streammerge', 'wall')}; "
                  f"peft/streammerge peak anon = {med_ratio('peft', 'streammerge', 'peak_anon')}")
@@ -411,6 +424,24 @@ def render(b: Bench, info: dict, args, cmdline: str, floor: RunResult | None, no
         L.append(f"- {n}")
     L.append("")
     return "\n".join(L)
+
+
+def kill_part_way(cmd: list[str], out: Path, nbytes: float, env: dict) -> str:
+    """Run `cmd` (a merge into `out`) and SIGKILL it once its staging folder holds `nbytes`; leaves that folder."""
+    for stale in out.parent.glob(f".{out.name}.*"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=str(REPO))
+    size = 0
+    while proc.poll() is None:
+        size = sum(f.stat().st_size for d in out.parent.glob(f".{out.name}.*") if d.is_dir()
+                   for f in d.iterdir() if f.is_file())
+        if size >= nbytes:
+            proc.kill()
+            proc.wait()
+            return f"merge killed after {time.perf_counter() - started:.1f}s with {size / 1e9:.2f} GB staged (untimed)"
+        time.sleep(0.05)
+    return f"the merge ended (exit {proc.returncode}) before {nbytes / 1e9:.2f} GB were staged: nothing to resume"
 
 
 def tail(s: str, n: int = 15) -> str:
@@ -431,6 +462,12 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar='NAME="ARGS"',
                     help="a streammerge contender named NAME run with ARGS (after --extra-args); repeatable. Without "
                          "it there is one contender, `streammerge`")
+    ap.add_argument("--batch-adapters", nargs="+", type=Path, default=[], metavar="DIR",
+                    help="time N single merges one after the other against `streammerge batch` of the same N jobs")
+    ap.add_argument("--resume-at", type=float, default=None, metavar="F",
+                    help="time `--resume` after a merge killed once F (0..1) of its bytes were written")
+    ap.add_argument("--compare", action="append", default=[], metavar="A/B",
+                    help="also report the median per-round wall ratio of contender A to contender B")
     ap.add_argument("--label", default=None, help="section title (default: base folder name)")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "performance.md", help="markdown file to append to")
     ap.add_argument("--python", default=sys.executable, help="interpreter for streammerge and PEFT runs")
@@ -476,10 +513,36 @@ def main(argv=None) -> int:
     outs = {"cp": work / "cp-out", "peft": work / "peft-out"}
     cmds = {"cp": ["cp", "-r", str(args.base), str(outs["cp"])],
             "peft": [args.python, "-c", PEFT_SCRIPT, str(args.base), str(args.adapter), str(outs["peft"])]}
+    def merge_cmd(out: Path, extra: str = "", adapter: Path | None = None) -> list[str]:
+        tail = [*shlex.split(args.extra_args), *shlex.split(extra)]
+        own = [] if "--adapter" in tail else ["--adapter", str(adapter or args.adapter)]
+        return [args.python, "-m", "streammerge", "--base", str(args.base), *own, "--output", str(out),
+                "--overwrite", *tail]
+
     for i, (name, extra) in enumerate(zip(sm_names, variants.values())):
         outs[name] = work / f"sm-out{i or ''}"
-        cmds[name] = [args.python, "-m", "streammerge", "--base", str(args.base), "--adapter", str(args.adapter),
-                      "--output", str(outs[name]), "--overwrite", *shlex.split(args.extra_args), *shlex.split(extra)]
+        cmds[name] = merge_cmd(outs[name], extra)
+    pre: dict[str, Any] = {}   # untimed step before a contender's timed command
+    if args.batch_adapters:
+        n = len(args.batch_adapters)
+        singles, batch = f"singles x{n}", f"batch x{n}"
+        outs[singles], outs[batch] = work / "singles-out", work / "batch-out"
+        cmds[singles] = ["sh", "-c", " && ".join(shlex.join(merge_cmd(outs[singles] / f"job{j}", adapter=a.resolve()))
+                                                 for j, a in enumerate(args.batch_adapters))]
+        jobs_file = work / "bench-jobs.json"
+        jobs_file.write_text(json.dumps({"base": str(args.base), "overwrite": True, "jobs": [
+            {"adapter": str(a.resolve()), "output": str(outs[batch] / f"job{j}")}
+            for j, a in enumerate(args.batch_adapters)]}))
+        cmds[batch] = [args.python, "-m", "streammerge", "batch", str(jobs_file), *shlex.split(args.extra_args)]
+        sm_names += [singles, batch]
+        args.compare.append(f"{batch}/{singles}")
+    if args.resume_at is not None:
+        name = f"resume@{args.resume_at:g}"
+        outs[name] = work / "resume-out"
+        cmds[name] = merge_cmd(outs[name], "--resume")
+        pre[name] = lambda out=outs[name]: kill_part_way(merge_cmd(out), out, args.resume_at * base_size, env)
+        sm_names.append(name)
+        args.compare.append(f"{name}/{sm_names[0]}")
     order = ["cp", *sm_names] + (["peft"] if use_peft else [])
     keep_for_check = {"streammerge", "peft"} if args.verify and use_peft else set()
     bench = Bench()
@@ -489,13 +552,15 @@ def main(argv=None) -> int:
             if name in failed:
                 continue
             rm(outs[name])
+            if name in pre:
+                print(f"round {rnd} {name}: {pre[name]()}", flush=True)
             settle(args.base)
             r = run_measured(cmds[name], interval=args.interval, env=env, cwd=str(REPO), timeout=args.timeout,
                              log_dir=logs, name=f"r{rnd}-{name}")
             is_sm = name in sm_names
-            if is_sm and r.ok and "Done. Merged model:" not in r.stdout:
+            if is_sm and r.ok and "Done. Merged model:" not in r.stdout and not name.startswith("batch"):
                 notes.append(f"{name} exited 0 but printed no `Done. Merged model:` line.")
-            if r.ok and not any(outs[name].glob("*.safetensors")):
+            if r.ok and not any(outs[name].glob("*.safetensors")) and not any(outs[name].glob("*/*.safetensors")):
                 r.returncode = r.returncode or 99
                 notes.append(f"{name} round {rnd}: exit 0 but no .safetensors in {outs[name]}.")
             bench.rows.append((rnd, name, r))

@@ -51,7 +51,8 @@ def test_batch_runs_every_job_and_exits_with_the_worst_code(setup, tmp_path, cap
     assert lines[0].startswith("[1/4] out-a: OK") and lines[2].startswith("[3/4] mix: OK")
     assert lines[1].startswith("[2/4] out-wrong: FAILED (exit 4)") and lines[3].startswith("[4/4] inside: FAILED (exit 6)")
     assert "error: job out-wrong: adapter" in err and "Batch : 2 of 4 job(s) succeeded; exit code 6" in err
-    assert "[mix] [2/3] Merge" in err  # progress on stderr, named by job
+    # progress on stderr: the jobs that planned, merged in one pass over the base
+    assert "mix: layout causal-lm" in err and "[2/3] Merge: 2 job(s) in one pass" in err
     single_a, single_ab = root / "single-a-f16", root / "single-ab-f16"
     streammerge.merge(str(base), str(a), str(single_a), dtype="f16")
     streammerge.merge(str(base), [str(a), str(b)], str(single_ab), dtype="f16", weights=[0.7, -0.3])
@@ -79,7 +80,7 @@ def test_batch_json_lines(setup, tmp_path, capsys):
     assert ok["output"] == str(tmp_path / "ok") and ok["adapters"] == [str(a)]
     assert not bad["ok"] and bad["exit_code"] == 4 and bad["error"]["exit_code"] == 4
     assert bad["error"]["type"] == "PlanError" and "does not fit base" in bad["error"]["message"]
-    assert "[ok] [1/3] Plan" in err  # everything else on stderr
+    assert "ok: layout causal-lm" in err and "ok: done" in err  # everything else on stderr
 
 
 def test_batch_bad_job_file(tmp_path, capsys):
