@@ -34,6 +34,20 @@ _SMALL_CHECKPOINTS = textwrap.dedent("""
 """)
 
 
+# a merge that pauses after each shard it closes, so a tiny checkpoint is killed part-way reliably
+_SLOW_SHARDS = textwrap.dedent("""
+    import sys, time
+    import streammerge.engine.outputs as outputs
+    _close = outputs.OutputState.close
+    def close(self, i):
+        _close(self, i)
+        time.sleep(0.2)
+    outputs.OutputState.close = close
+    from streammerge.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
 @pytest.fixture(scope="module")
 def mid(tmp_path_factory):
     """~80 MB bf16 base (10 MB output shards: 8+ of them) and a rank-16 adapter on every projection."""
@@ -99,7 +113,7 @@ def _kill_when(proc, cond, timeout=120.0) -> None:
 
 def _killed_run(base, adapter, out, finished=3, *extra):
     """A merge SIGKILLed once its journal records `finished` shards; returns {shard: inode} of those."""
-    proc = _start(_argv(base, adapter, out, "--max-shard-size", "10MB", *extra))
+    proc = _start(_argv(base, adapter, out, "--max-shard-size", "10MB", *extra), code=_SLOW_SHARDS)
     _kill_when(proc, lambda: len(_journal(out).get("shards", {})) >= finished)
     [folder] = _staging(out)
     return {name: os.stat(folder / name).st_ino for name in _journal(out)["shards"]}
@@ -223,7 +237,7 @@ def test_interrupting_a_resumable_run_keeps_its_shards(mid, fresh, tmp_path):
     staging folder is removed as before."""
     _, base, adapter = mid
     out = tmp_path / "merged"
-    proc = _start(_argv(base, adapter, out, "--max-shard-size", "10MB", "--resume"))
+    proc = _start(_argv(base, adapter, out, "--max-shard-size", "10MB", "--resume"), code=_SLOW_SHARDS)
     end = time.monotonic() + 120
     while len(_journal(out).get("shards", {})) < 2:
         assert proc.poll() is None and time.monotonic() < end, proc.communicate()
@@ -237,3 +251,29 @@ def test_interrupting_a_resumable_run_keeps_its_shards(mid, fresh, tmp_path):
     assert done.returncode == 0, done.stderr
     assert _reused(done.stdout)[0] >= 2
     assert ht.tree_digest(out) == fresh(max_shard_size="10MB") and _clean(out)
+
+
+def test_fp8_kept_merge_resumes_with_whole_shards(tmp_path):
+    """--dtype keep writes a re-quantized weight and its new scale out of order (any_order): no partial shard is
+    recorded, finished shards are reused, and the resumed output is byte-identical."""
+    import quant_fixtures as qf
+    import variant_helpers as vh
+
+    ck = qf.make_fp8_block(tmp_path, "qwen3_moe", (16, 16), shards=2)
+    adapter = vh.save_adapter(vh.load_causal(ck.source), tmp_path / "adapter", target_modules=["q_proj", "o_proj"])
+    options = ("--dtype", "keep", "--max-shard-size", "30KB")
+    streammerge.merge(ck.path, adapter, tmp_path / "fresh", dtype="keep", max_shard_size="30KB")
+    out = tmp_path / "merged"
+    proc = _start(_argv(ck.path, adapter, out, *options), code=_SLOW_SHARDS)
+    _kill_when(proc, lambda: len(_journal(out).get("shards", {})) >= 3)
+    journal = _journal(out)
+    assert not journal.get("partial")
+    [folder] = _staging(out)
+    inodes = {name: os.stat(folder / name).st_ino for name in journal["shards"]}
+    done = _run(_argv(ck.path, adapter, out, *options, "--resume"))
+    assert done.returncode == 0, done.stderr
+    reused, total = _reused(done.stdout)
+    assert reused >= 3 and total > reused, done.stdout
+    assert ht.tree_digest(out) == ht.tree_digest(tmp_path / "fresh")
+    for name, ino in inodes.items():
+        assert os.stat(out / name).st_ino == ino, f"{name} was written again instead of reused"

@@ -42,7 +42,9 @@ def pass_order(outputs: list[Output]) -> list[list[Member]]:
                     continue
                 t = by_name[p.name]
                 shared = t.replacement is None and t.base is not None and tuple(t.base.shape) == tuple(t.shape)
-                key: tuple = ("base", t.base.name) if shared else ("own", oi, t.name)  # type: ignore[union-attr]
+                # a quantized group's logical tensor (read dequantized) and its packed weight (copied raw, by a job
+                # that keeps an untouched group) share a name, not their bytes
+                key: tuple = ("base", t.base.name, t.quant is not None) if shared else ("own", oi, t.name)  # type: ignore[union-attr]
                 slot = next((g for g in open_groups.get(key, []) if all(m.out != oi for m in groups[g])), None)
                 if slot is None:
                     slot = len(groups)

@@ -7,18 +7,57 @@ comes before the F8 weight in the file, but each block's scale rows are known on
 per tensor needs the largest merged value first: its rows are computed twice. How far quantization moved the
 values from the float32 merge (max and mean absolute error) goes into the tensor's `RequantReport`.
 
-These tensors are computed on the thread that reads the base (the re-quantizer keeps per-tensor state); only
-their writes go to the writer thread.
+A re-quantizer with a scale per block of rows or per row (`RequantRows`) quantizes each block on its own: the
+blocks are computed on the compute threads like any merged block, each thread with its own session (working
+buffers), and the codes and scale rows written in order. A scale per tensor (`whole_tensor`) needs every merged
+row first: those tensors are computed on the thread that reads the base (`requantized_blocks`).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .rows import TensorRows, Workspace
+from ..adapter import Adapter
+from ..io.quant.base import RequantSession
+from ..io.reader import TensorReader
+from ..options import DEFAULT_BLOCK_BYTES
+from ..plan import OutTensor
+from .rows import BlockOut, TensorRows, Workspace
+
+
+class RequantRows(TensorRows):
+    """A merged tensor whose blocks come out re-quantized: `finish` writes a block's F8 codes into the caller's
+    buffer and returns its scale rows (when the block completes some) as `BlockOut.scale`. Thread-safe for
+    re-quantizers without `whole_tensor`."""
+
+    def __init__(self, t: OutTensor, reader: TensorReader, lora: Adapter, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                 clamp_f16: bool = False) -> None:
+        super().__init__(t, reader, lora, block_bytes, clamp_f16)
+        assert t.quant is not None and t.quant.requant is not None and t.quant.report is not None
+        self.requant, self.report = t.quant.requant, t.quant.report
+        assert not self.requant.whole_tensor
+        self._local = threading.local()   # one session per compute thread
+
+    def _session(self) -> RequantSession:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = self.requant.session()
+        return session
+
+    def finish(self, r0: int, r1: int, src: torch.Tensor, buf: torch.Tensor, ws: Workspace) -> BlockOut:
+        w = self.merged(r0, r1, src, ws)
+        w = w if w.dtype == torch.float32 else w.float()
+        nbytes = self.out_nbytes(r0, r1)
+        q = buf[:nbytes].view(torch.float8_e4m3fn).view(r1 - r0, self.cols)
+        scale, dq = self._session().quantize(w, r0, r1, q)
+        self.report.add(dq.sub_(w), w)
+        s0, s1 = self.requant.scale_rows(r0, r1)
+        # its own memory: the session reuses its buffers for the next block
+        return BlockOut(q, scale=scale.contiguous().clone() if s1 > s0 else None)
 
 
 @dataclass

@@ -68,12 +68,13 @@ class Workspace:
 
 @dataclass
 class BlockOut:
-    """What computing one block gave: its rounded rows (None when float16 overflow kept it from being written), and
-    the overflow seen (how many values, the first row)."""
+    """What computing one block gave: its rounded rows (None when float16 overflow kept it from being written), the
+    overflow seen (how many values, the first row), and for a re-quantized block its scale rows."""
 
     rows: torch.Tensor | None
     overflow: int = 0
     first: int = -1
+    scale: torch.Tensor | None = None   # a re-quantized block's new scale rows (engine/requant.py)
 
 
 class TensorRows:

@@ -24,11 +24,11 @@ from ..io.journal import Journal, Resumable
 from ..io.reader import TensorReader
 from ..io.sharding import PlannedTensor
 from ..memory import MemoryMonitor, fmt_bytes
-from ..plan import Plan
+from ..plan import OutTensor, Plan
 from .groups import Member, pass_order, waves
 from .outputs import Output, OutputState
 from .pipeline import BufferPool, ComputePool, Countdown, WriteBehind
-from .requant import requantized_blocks
+from .requant import RequantRows, requantized_blocks
 from .rows import BlockOut, TensorRows, f16_overflow_error
 
 RAW_CHUNK = 64 * 2**20        # untouched tensors are copied in chunks of this size, every output in turn
@@ -151,10 +151,11 @@ class _Pass:
 
     def _group(self, members: list[Member]) -> None:
         for m in members:
-            if m.t.quant is not None and m.t.quant.requant is not None:
+            if _whole_tensor_requant(m.t):
                 self._requantize(m)
-        # a new scale (`scale_of`) is written with its weight, by _requantize
-        members = [m for m in members if m.t.quant is None or (m.t.quant.dequantizes and m.t.quant.requant is None)]
+        # a new scale (`scale_of`) is written with its weight
+        members = [m for m in members if not _whole_tensor_requant(m.t) and (m.t.quant is None or
+                                                                               m.t.quant.dequantizes)]
         if not members:
             return
         raws = [m for m in members if m.t.raw_copy]
@@ -173,8 +174,11 @@ class _Pass:
     def _prepare(self, m: Member) -> bool:
         st = self.states[m.out]
         try:
-            m.rows = TensorRows(m.t, self.reader, st.out.lora, self.block_bytes, st.out.clamp_f16)
+            rows = RequantRows if m.t.quant is not None and m.t.quant.requant is not None else TensorRows
+            m.rows = rows(m.t, self.reader, st.out.lora, self.block_bytes, st.out.clamp_f16)
             self._prepass(m)
+            if isinstance(m.rows, RequantRows):
+                self._progress(m, m.rows.requant.scale.nbytes)  # written with the blocks
         except _SourceError as e:
             raise e.error from None  # the base changed: every output is affected
         except Exception as e:
@@ -283,6 +287,9 @@ class _Pass:
                     m.overflow = m.overflow or [0, out.first]
                     m.overflow[0] += out.overflow
                 return
+            if out.scale is not None:
+                assert isinstance(tr, RequantRows)
+                self._write_named(st, tr.requant.scale.name, out.scale)
             self._write(m, out.rows)
 
         def cleanup() -> None:
@@ -331,6 +338,8 @@ class _Pass:
         if m.overflow:
             raise f16_overflow_error(m.t.name, m.overflow[0], m.overflow[1])
         self.states[m.out].tensor_done(m.t.name)
+        if m.t.quant is not None and m.t.quant.requant is not None:
+            self.states[m.out].tensor_done(m.t.quant.requant.scale.name)
 
     def _copy(self, raws: list[Member]) -> None:
         """Untouched tensors: raw byte copies, chunk by chunk, every output copying a chunk before the next."""
@@ -359,6 +368,10 @@ class _Pass:
         for m in raws:
             if self._live(m.out):
                 self._submit(self.states[m.out], functools.partial(self._tensor_done, m))
+
+
+def _whole_tensor_requant(t: OutTensor) -> bool:
+    return t.quant is not None and t.quant.requant is not None and t.quant.requant.whole_tensor
 
 
 class _SourceError(Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,13 +39,15 @@ class RowSource(Protocol):
 
 @dataclass
 class RequantReport:
-    """How far re-quantization moved one merged tensor from its float32 merge (filled in by the engine)."""
+    """How far re-quantization moved one merged tensor from its float32 merge (filled in by the engine, from
+    several compute threads: `add` is thread-safe; the mean's last bits may depend on the order blocks end in)."""
 
     name: str
     max_abs: float = 0.0
     sum_abs: float = 0.0
     count: int = 0
     max_value: float = 0.0     # largest |value| of the float32 merge, to read the error against
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def mean_abs(self) -> float:
@@ -52,12 +55,15 @@ class RequantReport:
 
     def add(self, err: torch.Tensor, w: torch.Tensor) -> None:
         """Count a block: `err` the re-quantized minus the merged values (overwritten), `w` the merged values."""
-        if err.numel():
-            err.abs_()
-            self.max_abs = max(self.max_abs, float(err.amax()))
-            self.sum_abs += float(err.sum())
-            self.count += err.numel()
-            lo, hi = torch.aminmax(w)
+        if not err.numel():
+            return
+        err.abs_()
+        top, total, n = float(err.amax()), float(err.sum()), err.numel()
+        lo, hi = torch.aminmax(w)
+        with self._lock:
+            self.max_abs = max(self.max_abs, top)
+            self.sum_abs += total
+            self.count += n
             self.max_value = max(self.max_value, float(hi), -float(lo))
 
 
