@@ -3,7 +3,9 @@
 The main thread reads each source row block once (pread into a pooled buffer); compute threads merge it for every
 output that needs it (float32, rounded once); one writer thread per group of outputs writes the blocks in the order
 they were submitted. Untouched tensors are copied as raw bytes (copy_file_range), in chunks every output copies in
-turn, so a base larger than the page cache is still read from disk once.
+turn, so a base larger than the page cache is still read from disk once. A quantized base's rows are dequantized
+as they are read; `--dtype keep` tensors are re-quantized block by block (engine/requant.py) and written with
+their new scale rows.
 
 An output that fails (a NaN, float16 overflow, a full disk) is marked failed and its shards deleted; the others go
 on. With a single output the failure is raised at once, as a plain merge does.
