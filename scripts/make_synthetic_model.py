@@ -145,17 +145,23 @@ class WeightSource:
         self.block = f32_to_bf16_bits(x)
         self.noise = torch.empty(min(self.BLOCK, max_numel), dtype=torch.int16)
 
-    def linear(self, shape: tuple[int, ...]) -> torch.Tensor:
-        """bf16 N(0, 0.02) weights clamped to +-0.1."""
-        n, m = math.prod(shape), self.block.numel()
+    def tiled(self, src: torch.Tensor, n: int) -> torch.Tensor:
+        """`n` values of `src` repeated from a random start (a copy of its own, for noise to be added)."""
+        m = src.numel()
         start = int(torch.randint(0, m, (1,), generator=self.gen))
-        out = torch.empty(n, dtype=torch.int16)
+        out = torch.empty(n, dtype=src.dtype)
         pos = 0
         while pos < n:
             take = min(n - pos, m - start)
-            out[pos : pos + take] = self.block[start : start + take]
+            out[pos : pos + take] = src[start : start + take]
             pos += take
             start = 0
+        return out
+
+    def linear(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """bf16 N(0, 0.02) weights clamped to +-0.1."""
+        n = math.prod(shape)
+        out = self.tiled(self.block, n)
         for i in range(0, n, self.BLOCK):  # in chunks: a full-size noise array would double the peak memory
             part = out[i : i + self.BLOCK]
             noise = self.noise[: part.numel()]
@@ -183,15 +189,8 @@ class Fp8Source(WeightSource):
         self.bits = torch.empty(n, dtype=torch.uint8)
 
     def fp8(self, shape: tuple[int, ...]) -> torch.Tensor:
-        n, m = math.prod(shape), self.codes.numel()
-        start = int(torch.randint(0, m, (1,), generator=self.gen))
-        out = torch.empty(n, dtype=torch.uint8)
-        pos = 0
-        while pos < n:
-            take = min(n - pos, m - start)
-            out[pos : pos + take] = self.codes[start : start + take]
-            pos += take
-            start = 0
+        n = math.prod(shape)
+        out = self.tiled(self.codes, n)
         for i in range(0, n, self.BLOCK):
             part = out[i : i + self.BLOCK]
             noise = self.bits[: part.numel()]

@@ -131,3 +131,25 @@ def fresh_dir(tmp_path) -> Path:
 def copy_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Private tmpfs mounts (root only): a real small or full file system. Skips where mounting is not allowed.
+    (test_bad_inputs.py has its own, for a read-only one.)"""
+    import subprocess
+
+    mounted = []
+
+    def mount(where: Path, size: str = "1m") -> Path:
+        where.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for m in reversed(mounted):
+        subprocess.run(["umount", "-l", str(m)], check=False)
+

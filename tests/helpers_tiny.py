@@ -13,6 +13,8 @@ import os
 import struct
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -197,3 +199,16 @@ def looks_complete(path: Path) -> bool:
     path = Path(path)
     return path.is_dir() and (path / "config.json").exists() and (
         (path / "model.safetensors").exists() or (path / "model.safetensors.index.json").exists())
+
+
+def wait_for(proc: subprocess.Popen, cond: Callable[[], bool], timeout: float = 120.0, poll: float = 0.003) -> bool:
+    """Poll `cond` until true (True) or the process exits / time runs out (False)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    return False
+

@@ -521,3 +521,20 @@ def make_bnb(root: Path, kind: str = "nf4", double_quant: bool = False, model_ty
             return dequantize_bnb4(packed, rest, dtype)
 
     return QuantCheckpoint(name, path, f"bnb-{kind}", source, quantized, dequantizer)
+
+
+# every fixture, by the name the tests parametrize over
+BUILDERS = {
+    "fp8-deepseek-8": lambda r: make_fp8_block(r, "deepseek_v3", (8, 8)),
+    "fp8-deepseek-16": lambda r: make_fp8_block(r, "deepseek_v3", (16, 16), shards=2),
+    "fp8-deepseek-128": lambda r: make_fp8_block(r, "deepseek_v3", (128, 128)),
+    "fp8-qwen3moe-bf16scale": lambda r: make_fp8_block(r, "qwen3_moe", (16, 16), torch.bfloat16, shards=2),
+    "ct-channel-qwen3moe": lambda r: make_ct_fp8(r, "qwen3_moe", "channel", ("lm_head", "re:.*mlp.gate$")),
+    "ct-tensor-llama": lambda r: make_ct_fp8(r, "llama", "tensor", ("lm_head", "model.layers.0.mlp.down_proj")),
+    "mxfp4-gptoss": make_mxfp4,
+    "bnb-nf4": lambda r: make_bnb(r, "nf4", False),
+    "bnb-nf4-dq": lambda r: make_bnb(r, "nf4", True),
+    "bnb-fp4": lambda r: make_bnb(r, "fp4", False),
+    "bnb-fp4-dq": lambda r: make_bnb(r, "fp4", True),
+    "bnb-int8": lambda r: make_bnb(r, "int8"),
+}

@@ -201,26 +201,6 @@ def test_single_job_through_merge_many_equals_merge(tiny):
     assert ht.tree_digest(tmp / "one") == ht.tree_digest(tmp / "ref")
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """Private tmpfs mounts (root only): a real full file system. Skips where mounting is not allowed."""
-    import subprocess
-
-    mounted = []
-
-    def mount(where, size="1m"):
-        where.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
-        if r.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for m in reversed(mounted):
-        subprocess.run(["umount", "-l", str(m)], check=False)
-
-
 @pytest.mark.parametrize("dtype", ["bf16", "keep"])
 def test_quantized_base_batch_equals_single_merges_for_any_thread_count(tmp_path, dtype):
     """An FP8 block-wise base: its rows dequantized once per block for every job (bf16), or the merged tensors

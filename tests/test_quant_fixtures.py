@@ -31,20 +31,7 @@ class Fixtures:
         return self._built[key]
 
 
-BUILDERS = {
-    "fp8-deepseek-8": lambda r: qf.make_fp8_block(r, "deepseek_v3", (8, 8)),
-    "fp8-deepseek-16": lambda r: qf.make_fp8_block(r, "deepseek_v3", (16, 16), shards=2),
-    "fp8-deepseek-128": lambda r: qf.make_fp8_block(r, "deepseek_v3", (128, 128)),
-    "fp8-qwen3moe-bf16scale": lambda r: qf.make_fp8_block(r, "qwen3_moe", (16, 16), torch.bfloat16, shards=2),
-    "ct-channel-qwen3moe": lambda r: qf.make_ct_fp8(r, "qwen3_moe", "channel", ("lm_head", "re:.*mlp.gate$")),
-    "ct-tensor-llama": lambda r: qf.make_ct_fp8(r, "llama", "tensor", ("lm_head", "model.layers.0.mlp.down_proj")),
-    "mxfp4-gptoss": qf.make_mxfp4,
-    "bnb-nf4": lambda r: qf.make_bnb(r, "nf4", False),
-    "bnb-nf4-dq": lambda r: qf.make_bnb(r, "nf4", True),
-    "bnb-fp4": lambda r: qf.make_bnb(r, "fp4", False),
-    "bnb-fp4-dq": lambda r: qf.make_bnb(r, "fp4", True),
-    "bnb-int8": lambda r: qf.make_bnb(r, "int8"),
-}
+BUILDERS = qf.BUILDERS
 LOADABLE = [k for k in BUILDERS if k not in ("fp8-deepseek-16", "fp8-deepseek-128")]
 
 

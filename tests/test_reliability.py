@@ -112,18 +112,6 @@ class _Lines:
         return "\n".join(self.lines), "\n".join(self.errors)
 
 
-def _wait_for(proc: subprocess.Popen, cond, timeout: float = 120.0) -> bool:
-    """Poll `cond` until true (True) or the process exits / time runs out (False)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.003)
-    return False
-
-
 def _ours(out: Path) -> list[str]:
     """Hidden entries of this output beside it: staging folders, replaced outputs, the lock."""
     return sorted(n for n in os.listdir(out.parent) if n.startswith(f".{out.name}.streammerge"))
@@ -171,7 +159,7 @@ def test_glob_output_of_another_run_leaves_staging_alone(mid, small, tmp_path, c
     out = tmp_path / "merged1"
     proc = _spawn(_argv(base, adapter, out))
     try:
-        assert _wait_for(proc, _shards_in_staging(out, 1)), proc.communicate()
+        assert ht.wait_for(proc, _shards_in_staging(out, 1)), proc.communicate()
         proc.send_signal(signal.SIGSTOP)
         staging = _staging(out)
         assert staging, "the merge finished before it could be frozen"
@@ -323,7 +311,7 @@ def test_ctrl_c_while_the_writer_is_stalled(mid, tmp_path):
     base, adapter = mid
     out, flag = tmp_path / "merged", tmp_path / "flag"
     proc = _spawn([str(flag), *_argv(base, adapter, out, "--max-shard-size", "8MB")], code=_STALLED_WRITER)
-    assert _wait_for(proc, flag.exists), proc.communicate()
+    assert ht.wait_for(proc, flag.exists), proc.communicate()
     time.sleep(0.2)  # let the main thread fill the queue behind the stalled write
     proc.send_signal(signal.SIGINT)
     sent = time.monotonic()
@@ -363,13 +351,13 @@ def _interrupt_once(base, adapter, out: Path, moment: str, sig=signal.SIGINT, tw
     lines = _Lines(proc)
     kind, _, arg = moment.partition(":")
     if kind == "line":
-        reached = _wait_for(proc, lines.seen(arg))
+        reached = ht.wait_for(proc, lines.seen(arg))
     elif kind == "staging":
-        reached = _wait_for(proc, lambda: bool(_staging(out)))
+        reached = ht.wait_for(proc, lambda: bool(_staging(out)))
     elif kind == "shards":
-        reached = _wait_for(proc, _shards_in_staging(out, int(arg)))
+        reached = ht.wait_for(proc, _shards_in_staging(out, int(arg)))
     else:  # "after:<seconds>": a clock offset after the writing started
-        reached = _wait_for(proc, lines.seen("[2/3]"))
+        reached = ht.wait_for(proc, lines.seen("[2/3]"))
         time.sleep(float(arg))
     proc.send_signal(sig)
     sent = time.monotonic()
@@ -431,7 +419,7 @@ def test_base_file_changed_during_merge(mid, tmp_path, change, dtype):
     proc = _spawn(_argv(base, adapter, out, "--max-shard-size", "8MB", "--dtype", dtype))
     try:
         # a few shards in (of 14 in f32, 6 in bf16): layers are being read (and, in the old code, were mapped)
-        assert _wait_for(proc, _shards_in_staging(out, 3 if dtype == "f32" else 4)), proc.communicate()
+        assert ht.wait_for(proc, _shards_in_staging(out, 3 if dtype == "f32" else 4)), proc.communicate()
         proc.send_signal(signal.SIGSTOP)  # _FROZEN
         size = shard.stat().st_size
         if change == "truncated":
@@ -518,7 +506,7 @@ def test_interrupt_after_the_swap_says_the_new_merge_is_in_place(small, tmp_path
     streammerge.merge(base, a1, out)
     flag, go = tmp_path / "flag", tmp_path / "go"
     proc = _spawn([str(flag), str(go), *_argv(base, a2, out, "--overwrite")], code=_HOLD_AFTER_SWAP)
-    assert _wait_for(proc, flag.exists), proc.communicate()
+    assert ht.wait_for(proc, flag.exists), proc.communicate()
     proc.send_signal(signal.SIGINT)
     time.sleep(0.1)
     go.touch()
@@ -691,24 +679,6 @@ def test_too_many_open_files_is_not_a_permission_problem(small, tmp_path, capsys
 
 # ---------------------------------------------------------------------------------------------------------------
 # 9. the free-space check: the staging folder's file system, the margin said
-
-
-@pytest.fixture
-def tmpfs(tmp_path):
-    """Private tmpfs mounts (root only): a real small or full file system. Skips where mounting is not allowed."""
-    mounted = []
-
-    def mount(where: Path, size: str = "1m") -> Path:
-        where.mkdir(parents=True, exist_ok=True)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
-        if r.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode().strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for m in reversed(mounted):
-        subprocess.run(["umount", "-l", str(m)], check=False)
 
 
 def test_free_space_message_states_sizes_and_margin(small, tmp_path, capsys, tmpfs):

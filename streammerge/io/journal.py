@@ -163,23 +163,15 @@ class Journal:
         if name not in self.planned or not isinstance(entry, dict):
             return "not planned"
         header, size = self.planned[name]
-        try:
-            fd = os.open(self.folder / name, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return "missing"
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size != size or st.st_size != entry.get("size"):
+
+        def whole(st: os.stat_result) -> str | None:
+            if st.st_size != size or st.st_size != entry.get("size"):
                 return "size differs"
             if [st.st_ino, st.st_mtime_ns, st.st_ctime_ns] != entry.get("stamp"):
                 return "changed since it was finished (inode, mtime or ctime)"
-            if os.pread(fd, len(header), 0) != header:
-                return "header differs from the plan"
-            if sample_digest(fd, len(header), size) != entry.get("samples"):
-                return "sampled bytes differ"
-        finally:
-            os.close(fd)
-        return None
+            return None
+
+        return self._check_file(name, header, size, entry, whole)
 
     def _check_partial(self, name: str, entry: Any) -> str | None:
         if name not in self.planned or not isinstance(entry, dict):
@@ -188,17 +180,28 @@ class Journal:
         durable = entry.get("bytes")
         if not isinstance(durable, int) or not len(header) <= durable <= size:
             return "bad record"
+
+        def long_enough(st: os.stat_result) -> str | None:
+            return "shorter than its durable part" if st.st_size < durable else None
+
+        return self._check_file(name, header, durable, entry, long_enough)
+
+    def _check_file(self, name: str, header: bytes, end: int, entry: Mapping[str, Any],
+                    check_stat: Callable[[os.stat_result], str | None]) -> str | None:
+        """Why shard `name` cannot be reused up to byte `end` (None: it can): a regular file passing `check_stat`,
+        with the planned header and the sampled digest recorded in `entry`."""
         try:
             fd = os.open(self.folder / name, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             return "missing"
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size < durable:
-                return "shorter than its durable part"
+            why = "not a regular file" if not stat.S_ISREG(st.st_mode) else check_stat(st)
+            if why is not None:
+                return why
             if os.pread(fd, len(header), 0) != header:
                 return "header differs from the plan"
-            if sample_digest(fd, len(header), durable) != entry.get("samples"):
+            if sample_digest(fd, len(header), end) != entry.get("samples"):
                 return "sampled bytes differ"
         finally:
             os.close(fd)

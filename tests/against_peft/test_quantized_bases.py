@@ -32,20 +32,7 @@ import quant_fixtures as qf
 
 from streammerge.verify import verify
 
-BUILDERS = {
-    "fp8-deepseek-8": lambda r: qf.make_fp8_block(r, "deepseek_v3", (8, 8)),
-    "fp8-deepseek-16": lambda r: qf.make_fp8_block(r, "deepseek_v3", (16, 16), shards=2),
-    "fp8-deepseek-128": lambda r: qf.make_fp8_block(r, "deepseek_v3", (128, 128)),
-    "fp8-qwen3moe-bf16scale": lambda r: qf.make_fp8_block(r, "qwen3_moe", (16, 16), torch.bfloat16, shards=2),
-    "ct-channel-qwen3moe": lambda r: qf.make_ct_fp8(r, "qwen3_moe", "channel", ("lm_head", "re:.*mlp.gate$")),
-    "ct-tensor-llama": lambda r: qf.make_ct_fp8(r, "llama", "tensor", ("lm_head", "model.layers.0.mlp.down_proj")),
-    "mxfp4-gptoss": qf.make_mxfp4,
-    "bnb-nf4": lambda r: qf.make_bnb(r, "nf4", False),
-    "bnb-nf4-dq": lambda r: qf.make_bnb(r, "nf4", True),
-    "bnb-fp4": lambda r: qf.make_bnb(r, "fp4", False),
-    "bnb-fp4-dq": lambda r: qf.make_bnb(r, "fp4", True),
-    "bnb-int8": lambda r: qf.make_bnb(r, "int8"),
-}
+BUILDERS = qf.BUILDERS
 KEEP = ["fp8-deepseek-8", "fp8-deepseek-16", "fp8-qwen3moe-bf16scale", "ct-channel-qwen3moe", "ct-tensor-llama"]
 LOADABLE_KEEP = [k for k in KEEP if k != "fp8-deepseek-16"]  # transformers 5.24 cannot load partial FP8 blocks
 REFUSED_KEEP = ["mxfp4-gptoss", "bnb-nf4", "bnb-nf4-dq", "bnb-fp4-dq", "bnb-int8"]

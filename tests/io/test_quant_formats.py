@@ -24,18 +24,9 @@ from streammerge.io.reader import TensorReader
 from streammerge.io.safetensors import TensorInfo
 from streammerge.io.sharding import PlannedTensor, plan_shards
 
-BUILDERS = {
-    "fp8-deepseek-8": lambda r: qf.make_fp8_block(r, "deepseek_v3", (8, 8)),
-    "fp8-deepseek-16": lambda r: qf.make_fp8_block(r, "deepseek_v3", (16, 16), shards=2),
-    "fp8-deepseek-128": lambda r: qf.make_fp8_block(r, "deepseek_v3", (128, 128)),
-    "fp8-qwen3moe-bf16scale": lambda r: qf.make_fp8_block(r, "qwen3_moe", (16, 16), torch.bfloat16, shards=2),
-    "ct-channel-qwen3moe": lambda r: qf.make_ct_fp8(r, "qwen3_moe", "channel", ("lm_head", "re:.*mlp.gate$")),
-    "ct-tensor-llama": lambda r: qf.make_ct_fp8(r, "llama", "tensor", ("lm_head", "model.layers.0.mlp.down_proj")),
-    "mxfp4-gptoss": qf.make_mxfp4,
-    "bnb-nf4": lambda r: qf.make_bnb(r, "nf4", False),
-    "bnb-fp4-dq": lambda r: qf.make_bnb(r, "fp4", True),
-    "bnb-int8": lambda r: qf.make_bnb(r, "int8"),
-}
+BUILDERS = {k: qf.BUILDERS[k] for k in ("fp8-deepseek-8", "fp8-deepseek-16", "fp8-deepseek-128", "fp8-qwen3moe-bf16scale",
+                                             "ct-channel-qwen3moe", "ct-tensor-llama", "mxfp4-gptoss", "bnb-nf4",
+                                             "bnb-fp4-dq", "bnb-int8")}
 
 
 @pytest.fixture(scope="module")

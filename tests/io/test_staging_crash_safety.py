@@ -52,18 +52,6 @@ def _staging(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f".{out.name}{STAGING_TAG}*"))
 
 
-def _wait_for(proc, cond, timeout=60.0) -> bool:
-    """Poll `cond` until true (True) or the process exits / time runs out (False)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.005)
-    return False
-
-
 def _shards_in_staging(out: Path, n: int):
     def cond():
         return any(len(list(s.glob("*.safetensors"))) >= n for s in _staging(out))
@@ -97,7 +85,7 @@ def test_kill9_at_several_points_then_rerun(mid, tmp_path):
         if isinstance(when, float):
             time.sleep(when)
         else:
-            assert _wait_for(proc, when), f"merge ended before {label!r}: {proc.communicate()}"
+            assert ht.wait_for(proc, when), f"merge ended before {label!r}: {proc.communicate()}"
         finished = proc.poll() is not None
         _kill(proc)
         if isinstance(when, float) and out.exists():
@@ -135,7 +123,7 @@ def test_lock_refuses_second_merge_then_kill(mid, tmp_path, capsys):
     cmd = _cmd(base, adapter, out)
     first = _start(cmd)
     try:
-        assert _wait_for(first, _shards_in_staging(out, 1)), first.communicate()
+        assert ht.wait_for(first, _shards_in_staging(out, 1)), first.communicate()
         first.send_signal(signal.SIGSTOP)
         second = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
                                 env={**os.environ, "PYTHONPATH": str(ht.REPO)}, cwd=ht.REPO)
@@ -162,7 +150,7 @@ def test_sigterm_cleans_up(mid, tmp_path):
     base, adapter = mid
     out = tmp_path / "merged"
     proc = _start(_cmd(base, adapter, out))
-    assert _wait_for(proc, _shards_in_staging(out, 1))
+    assert ht.wait_for(proc, _shards_in_staging(out, 1))
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -236,7 +224,7 @@ def test_kill9_during_commit(small, tmp_path, where, capsys):
     argv = ["--base", base, "--adapter", a2, "--output", out, *(["--overwrite"] if replacing else [])]
     proc = _hooked(flag, where, argv)
     try:
-        assert _wait_for(proc, flag.exists, timeout=60), proc.communicate()
+        assert ht.wait_for(proc, flag.exists, timeout=60), proc.communicate()
     finally:
         _kill(proc)
     if not replacing:
