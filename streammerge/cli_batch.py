@@ -12,7 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .cli import _check_sizes, _finished, _Parser, _printer, _run
+from .cli import _finished, _printer, _run
+from .cli_args import Parser, check_sizes
 from .cli_json import emit
 from .jobs import BatchSpec, JobResult, Resources
 
@@ -43,7 +44,7 @@ EPILOG = """examples:
 
 
 def build_batch_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="streammerge batch", description=DESCRIPTION, epilog=EPILOG,
+    p = Parser(prog="streammerge batch", description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("jobs", metavar="JOBS", help="job file (.json, .yaml/.yml or .toml)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
@@ -64,7 +65,7 @@ def build_batch_parser() -> argparse.ArgumentParser:
 def main_batch(argv: Sequence[str], process: bool = False) -> int:
     parser = build_batch_parser()
     args = parser.parse_args(list(argv))
-    _check_sizes(parser, {"--memory-per-job": args.memory_per_job})
+    check_sizes(parser, {"--memory-per-job": args.memory_per_job})
     if args.cpus_per_job is not None and args.cpus_per_job <= 0:
         parser.error("argument --cpus-per-job: use a positive number")
     if args.ray is None and (args.cpus_per_job is not None or args.memory_per_job is not None):
