@@ -117,7 +117,7 @@ def merge(
         adapter_dir = adapter_dirs[0]
         if not dry_run:
             check_output(output, overwrite, (base_dir, *adapter_dirs),
-                         writes=_side_files(base_dir, adapter_dirs, weights))
+                         writes=output_side_files(base_dir, adapter_dirs, weights))
 
         say("[1/3] Plan: reading headers and matching the adapter to the base")
         ckpt = open_checkpoint(base_dir)
@@ -129,7 +129,7 @@ def merge(
                                  plan.glued)
             names = shard_file_names(len(shards))
             _say_plan(say, plan, len(shards), dry_run)
-            extra = _side_files(base_dir, adapter_dirs, weights)
+            extra = output_side_files(base_dir, adapter_dirs, weights)
             summary = MergeSummary(
                 output=output, base=base_dir, adapter=adapter_dir, layout=plan.layout, plan=plan.tensors,
                 shards=names, tensors_merged=len(plan.merged), tensors_copied=len(plan.tensors) - len(plan.merged),
@@ -148,7 +148,7 @@ def merge(
                     summary.bytes_written = _write(plan, shards, names, staging, lora, extra, dtype, block,
                                                    progress, mem, clamp_f16, say, threads, journal)
                     staging.commit()
-                summary.requantized = [t.quant.report for t in plan.tensors if t.quant and t.quant.report]
+                summary.requantized = plan.requantized
         finally:
             lora.close()
         mem.current()
@@ -157,7 +157,8 @@ def merge(
     return summary
 
 
-def _side_files(base_dir: Path, adapter_dirs: list[Path], weights: Sequence[float] | None) -> dict[str, Path]:
+def output_side_files(base_dir: Path, adapter_dirs: list[Path], weights: Sequence[float] | None) -> dict[str, Path]:
+    """The non-weight files the output gets (relative name -> source): of one adapter, or of a combination."""
     if is_combination(len(adapter_dirs), weights):
         return combined_side_files(base_dir, adapter_dirs)
     return side_files(base_dir, adapter_dirs[0])
@@ -186,12 +187,25 @@ def _write(plan: Plan, shards: list[list[PlannedTensor]], names: list[str], stag
            say: Log, threads: int, journal: tuple[Journal, Resumable]) -> int:
     """Everything the output holds, into the staging folder, each file announced to the commit's check."""
     say(f"[2/3] Merge: writing {len(shards)} shard(s)")
-    for shard, name in zip(shards, names):
-        staging.expect(name, len(header_bytes(shard, DEFAULT_METADATA)[0]) + sum(t.nbytes for t in shard))
+    expect_shards(staging, shards, names)
     written = write_shards(plan, shards, names, staging.path, lora, block, progress, mem, clamp_f16, threads,
                            *journal)
     others = len([f for f in extra if f != "config.json"])
     say(f"[3/3] Write: index, config.json and {others} other file(s) (tokenizer, templates, code)")
+    write_rest(staging, plan, shards, names, extra, dtype)
+    return written
+
+
+def expect_shards(staging: Staging, shards: list[list[PlannedTensor]], names: list[str]) -> None:
+    """Announce every planned shard, with its size, to the commit's completeness check."""
+    for shard, name in zip(shards, names):
+        staging.expect(name, len(header_bytes(shard, DEFAULT_METADATA)[0]) + sum(t.nbytes for t in shard))
+
+
+def write_rest(staging: Staging, plan: Plan, shards: list[list[PlannedTensor]], names: list[str],
+               extra: dict[str, Path], dtype: str) -> None:
+    """The output's files besides its shards: the index (several shards), the side files, config.json for
+    `dtype` and the plan's config updates; each announced to the commit's check."""
     if len(shards) > 1:
         write_index(staging.path / SAFETENSORS_INDEX_FILE, shards, names)
         staging.expect(SAFETENSORS_INDEX_FILE)
@@ -201,4 +215,3 @@ def _write(plan: Plan, shards: list[list[PlannedTensor]], names: list[str], stag
                  DTYPE_NAMES.get(out_dtype) if out_dtype else None, plan.config_updates)
     for rel in extra:
         staging.expect(rel)
-    return written

@@ -22,23 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from .adapter import Adapter, load_adapter
-from .api import MergeSummary
+from .api import MergeSummary, expect_shards, output_side_files, write_rest
 from .engine import one_torch_thread
 from .engine.stream import Output, run_pass
 from .errors import Interrupted, OutputError, StreamMergeError, one_line
 from .io.checkpoint import Checkpoint, open_checkpoint
-from .io.formats import DTYPE_NAMES, SAFETENSORS_INDEX_FILE
 from .io.hub import resolve
 from .io.output import check_free_space, check_output, resolve_output
-from .io.sharding import DEFAULT_METADATA, PlannedTensor, header_bytes, plan_shards, shard_file_names, write_index
-from .io.sidefiles import copy_side_files, side_files, write_config
+from .io.sharding import PlannedTensor, plan_shards, shard_file_names
 from .io.staging import Staging
 from .jobs import BatchSpec, JobResult
 from .lineage import base_mismatch
 from .memory import MemoryMonitor
 from .options import OUT_DTYPES, block_bytes, check_threads, parse_size
 from .plan import Plan, build_plan
-from .plan.combine import AdapterSet, check_weights, combined_side_files, is_combination, plan_combination
+from .plan.combine import AdapterSet, check_weights, is_combination, plan_combination
 
 Log = Callable[[str], None]
 
@@ -143,7 +141,7 @@ def _prepare(r: JobResult, spec: BatchSpec, base_dir: Path, ckpt: Checkpoint, op
     check_output(output, overwrite)
     adapter_dirs = [resolve(a, "adapter", hf_token) for a in job.adapters]
     combination = is_combination(len(adapter_dirs), job.weights)
-    extra = combined_side_files(base_dir, adapter_dirs) if combination else side_files(base_dir, adapter_dirs[0])
+    extra = output_side_files(base_dir, adapter_dirs, job.weights)
     check_output(output, overwrite, (base_dir, *adapter_dirs), writes=extra)
     adapters = [load_adapter(d) for d in adapter_dirs]
     for a in adapters:
@@ -167,8 +165,7 @@ def _prepare(r: JobResult, spec: BatchSpec, base_dir: Path, ckpt: Checkpoint, op
         raise
     claimed[disk] = claimed.get(disk, 0) + needed
     staging = stack.enter_context(Staging(output, overwrite))
-    for shard, name in zip(shards, names):
-        staging.expect(name, len(header_bytes(shard, DEFAULT_METADATA)[0]) + sum(t.nbytes for t in shard))
+    expect_shards(staging, shards, names)
     say(f"      {job.label}: layout {plan.layout}, {len(plan.merged)} merged tensors, {len(shards)} shard(s)")
     return _Job(r, output, base_dir, adapter_dirs, weights, lora, plan, shards, names, extra, staging)
 
@@ -185,16 +182,7 @@ def _finish(j: _Job, dtype: str, say: Log, stack: contextlib.ExitStack) -> None:
     try:
         if j.out.error is not None:
             raise j.out.error
-        dest = j.staging.path
-        if len(j.shards) > 1:
-            write_index(dest / SAFETENSORS_INDEX_FILE, j.shards, j.names)
-            j.staging.expect(SAFETENSORS_INDEX_FILE)
-        copy_side_files(j.extra, dest)
-        out_dtype = OUT_DTYPES[dtype]
-        write_config(j.extra.get("config.json"), dest / "config.json",
-                     DTYPE_NAMES.get(out_dtype) if out_dtype else None, j.plan.config_updates)
-        for rel in j.extra:
-            j.staging.expect(rel)
+        write_rest(j.staging, j.plan, j.shards, j.names, j.extra, dtype)
         j.staging.commit()
         j.result.ok = True
         j.result.summary = MergeSummary(
@@ -202,7 +190,7 @@ def _finish(j: _Job, dtype: str, say: Log, stack: contextlib.ExitStack) -> None:
             plan=j.plan.tensors, shards=j.names, tensors_merged=len(j.plan.merged),
             tensors_copied=len(j.plan.tensors) - len(j.plan.merged), bytes_written=j.out.written, seconds=0.0,
             peak_memory=0, files_copied=sorted(j.extra), notes=j.plan.notes, adapters=j.adapter_dirs,
-            weights=j.weights, requantized=[t.quant.report for t in j.plan.tensors if t.quant and t.quant.report],
+            weights=j.weights, requantized=j.plan.requantized,
         )
         say(f"      {j.result.job.label}: done, {j.output}")
     except Exception as e:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
@@ -31,74 +30,52 @@ from .rows import BlockOut, TensorRows, Workspace
 
 class RequantRows(TensorRows):
     """A merged tensor whose blocks come out re-quantized: `finish` writes a block's F8 codes into the caller's
-    buffer and returns its scale rows (when the block completes some) as `BlockOut.scale`. Thread-safe for
-    re-quantizers without `whole_tensor`."""
+    buffer and returns its scale rows (when the block completes some) as `BlockOut.scale`. Each thread quantizes
+    with a session of its own; with `whole_tensor`, blocks go through `requantized_blocks` on one thread."""
 
     def __init__(self, t: OutTensor, reader: TensorReader, lora: Adapter, block_bytes: int = DEFAULT_BLOCK_BYTES,
                  clamp_f16: bool = False) -> None:
         super().__init__(t, reader, lora, block_bytes, clamp_f16)
         assert t.quant is not None and t.quant.requant is not None and t.quant.report is not None
         self.requant, self.report = t.quant.requant, t.quant.report
-        assert not self.requant.whole_tensor
         self._local = threading.local()   # one session per compute thread
 
-    def _session(self) -> RequantSession:
+    def session(self) -> RequantSession:
+        """The calling thread's session (its working buffers; a per-tensor scale's observed amax)."""
         session = getattr(self._local, "session", None)
         if session is None:
             session = self._local.session = self.requant.session()
         return session
 
-    def finish(self, r0: int, r1: int, src: torch.Tensor, buf: torch.Tensor, ws: Workspace) -> BlockOut:
+    def merged_f32(self, r0: int, r1: int, src: torch.Tensor, ws: Workspace) -> torch.Tensor:
         w = self.merged(r0, r1, src, ws)
-        w = w if w.dtype == torch.float32 else w.float()
+        return w if w.dtype == torch.float32 else w.float()
+
+    def finish(self, r0: int, r1: int, src: torch.Tensor, buf: torch.Tensor, ws: Workspace) -> BlockOut:
+        w = self.merged_f32(r0, r1, src, ws)
         nbytes = self.out_nbytes(r0, r1)
         q = buf[:nbytes].view(torch.float8_e4m3fn).view(r1 - r0, self.cols)
-        scale, dq = self._session().quantize(w, r0, r1, q)
+        scale, dq = self.session().quantize(w, r0, r1, q)
         self.report.add(dq.sub_(w), w)
         s0, s1 = self.requant.scale_rows(r0, r1)
         # its own memory: the session reuses its buffers for the next block
         return BlockOut(q, scale=scale.contiguous().clone() if s1 > s0 else None)
 
 
-@dataclass
-class RequantBlock:
-    """Rows [r0, r1) re-quantized: the F8 codes (a view into `buf`, which the caller owns from then on) and, when
-    this block completes rows of the scale tensor, those scale rows (a tensor of their own)."""
-
-    r0: int
-    r1: int
-    codes: torch.Tensor
-    buf: torch.Tensor
-    scale: torch.Tensor | None
-
-
-def requantized_blocks(tr: TensorRows, take: Callable[[int], torch.Tensor]) -> Iterator[RequantBlock]:
-    """The merged rows of `tr`'s tensor re-quantized block by block, on the calling thread."""
-    t = tr.t
-    assert t.quant is not None and t.quant.requant is not None and t.quant.report is not None
-    rq, report = t.quant.requant, t.quant.report
+def requantized_blocks(tr: RequantRows, take: Callable[[int], torch.Tensor]) -> Iterator[tuple[BlockOut, torch.Tensor]]:
+    """Every block of `tr` re-quantized on the calling thread (a per-tensor scale sees every merged row first):
+    each block's BlockOut and the buffer from `take` its codes are in (the caller's from then on)."""
     ws = Workspace()
     src_buf = torch.empty(tr.source_nbytes(0, min(tr.step, tr.rows)), dtype=torch.uint8)
 
-    def merged(r0: int, r1: int) -> torch.Tensor:
-        w = tr.merged(r0, r1, tr.source(r0, r1, src_buf), ws)
-        return w if w.dtype == torch.float32 else w.float()
+    def source(r0: int, r1: int) -> torch.Tensor:
+        return tr.source(r0, r1, src_buf)
 
-    for i in tr.prepasses():
+    tr.prepass_here(source, ws)
+    if tr.requant.whole_tensor:
+        session = tr.session()
         for r0, r1 in tr.spans():
-            tr.ops[i].combine(tr.partial(i, r0, r1, tr.source(r0, r1, src_buf), ws))
-        tr.ops[i].settle()
-    session = rq.session()  # its buffers go with it when this tensor is done
-    if rq.whole_tensor:
-        for r0, r1 in tr.spans():
-            session.observe(merged(r0, r1), r0, r1)
+            session.observe(tr.merged_f32(r0, r1, source(r0, r1), ws), r0, r1)
     for r0, r1 in tr.spans():
-        w = merged(r0, r1)
-        nbytes = (r1 - r0) * tr.cols
-        buf = take(nbytes)
-        q = buf[:nbytes].view(torch.float8_e4m3fn).view(r1 - r0, tr.cols)
-        scale, dq = session.quantize(w, r0, r1, q)
-        report.add(dq.sub_(w), w)
-        s0, s1 = rq.scale_rows(r0, r1)
-        # its own memory: the re-quantizer reuses its buffers
-        yield RequantBlock(r0, r1, q, buf, scale.contiguous().clone() if s1 > s0 else None)
+        buf = take(tr.out_nbytes(r0, r1))
+        yield tr.finish(r0, r1, source(r0, r1), buf, ws), buf

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -139,6 +139,13 @@ class TensorRows:
     def prepasses(self) -> list[int]:
         return [i for i, p in enumerate(self.ops) if p.prepass]
 
+    def prepass_here(self, source: Callable[[int, int], torch.Tensor], ws: Workspace) -> None:
+        """Every prepass statistic computed on the calling thread, block after block (`source(r0, r1)`: the rows)."""
+        for i in self.prepasses():
+            for r0, r1 in self.spans():
+                self.ops[i].combine(self.partial(i, r0, r1, source(r0, r1), ws))
+            self.ops[i].settle()
+
     def merged(self, r0: int, r1: int, src: torch.Tensor, ws: Workspace) -> torch.Tensor:
         """Rows [r0, r1) ready to be rounded: float32 when computed or cast through float32, else the source."""
         if self.ops:
@@ -192,10 +199,7 @@ def merged_rows(t: OutTensor, reader: TensorReader, lora: Adapter, block_bytes: 
     def source(r0: int, r1: int) -> torch.Tensor:
         return tr.source(r0, r1, _new_buffer(tr.source_nbytes(r0, r1)))
 
-    for i in tr.prepasses():
-        for r0, r1 in tr.spans():
-            tr.ops[i].combine(tr.partial(i, r0, r1, source(r0, r1), ws))
-        tr.ops[i].settle()
+    tr.prepass_here(source, ws)
     overflow: list[int] = []  # [count, first row] once float16 overflow was seen: count it all, then refuse
     for r0, r1 in tr.spans():
         out = tr.finish(r0, r1, source(r0, r1), _new_buffer(tr.out_nbytes(r0, r1)), ws)

@@ -311,14 +311,15 @@ class _Pass:
         assert m.t.quant is not None and m.t.quant.requant is not None
         scale = m.t.quant.requant.scale.name
         try:
-            tr = TensorRows(m.t, self.reader, st.out.lora, self.block_bytes)
-            for b in requantized_blocks(tr, self.out_pool.take):
-                if b.scale is not None:
-                    self._submit(st, functools.partial(self._write_named, st, scale, b.scale))
-                    self._progress(m, b.scale.numel() * b.scale.element_size())
-                self._submit(st, functools.partial(self._write_named, st, m.t.name, b.codes),
-                             functools.partial(self.out_pool.give, b.buf))
-                self._progress(m, b.codes.numel())
+            tr = RequantRows(m.t, self.reader, st.out.lora, self.block_bytes)
+            for out, buf in requantized_blocks(tr, self.out_pool.take):
+                assert out.rows is not None
+                if out.scale is not None:
+                    self._submit(st, functools.partial(self._write_named, st, scale, out.scale))
+                    self._progress(m, out.scale.numel() * out.scale.element_size())
+                self._submit(st, functools.partial(self._write_named, st, m.t.name, out.rows),
+                             functools.partial(self.out_pool.give, buf))
+                self._progress(m, out.rows.numel())
         except CheckpointError:
             raise  # the base: every output is affected
         except Exception as e:

@@ -12,7 +12,7 @@ from ..errors import PlanError
 from ..io.formats import ITEMSIZE
 
 if TYPE_CHECKING:
-    from ..io.quant import QuantRole
+    from ..io.quant import QuantRole, RequantReport
     from ..io.safetensors import TensorInfo
     from ..tuners.base import Op
 
@@ -74,6 +74,11 @@ class Plan:
     @property
     def total_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def requantized(self) -> list[RequantReport]:
+        """The reports of the tensors `--dtype keep` re-quantizes (filled in as they are written)."""
+        return [t.quant.report for t in self.tensors if t.quant is not None and t.quant.report is not None]
 
     @property
     def glued(self) -> frozenset[str]:
