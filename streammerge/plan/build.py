@@ -9,7 +9,7 @@ single PlanError.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import AdapterError, PlanError, UnsupportedError
 from ..io.sidefiles import config_values, read_base_config
@@ -36,19 +36,23 @@ if TYPE_CHECKING:
 def build_plan(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loader: str = "auto") -> Plan:
     """Match, check and plan the whole merge from headers and configs only."""
     # a quantized base is planned through its logical (dequantized) tensors
-    quant = quantized_view(ckpt, read_base_config(ckpt.root))
-    plan = plan_logical(ckpt if quant is None else quant.checkpoint, adapter, dtype=dtype, loader=loader)
+    base_config = read_base_config(ckpt.root)
+    quant = quantized_view(ckpt, base_config)
+    plan = plan_logical(ckpt if quant is None else quant.checkpoint, adapter, dtype=dtype, loader=loader,
+                        base_config=base_config)
     if quant is not None:
         quant.finish(plan, dtype)
     return plan
 
 
-def plan_logical(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loader: str = "auto") -> Plan:
+def plan_logical(ckpt: Checkpoint, adapter: Adapter, *, dtype: str = "bf16", loader: str = "auto",
+                 base_config: dict[str, Any] | None = None) -> Plan:
     """`build_plan` on a full-precision checkpoint, or on a quantized one's logical view (`quantized.view`) before
-    its `finish` says where each tensor's rows come from."""
+    its `finish` says where each tensor's rows come from. `base_config`: config.json, when already read."""
     cfg = adapter.config
     tuner = TUNERS[cfg.peft_type]
-    base_config = read_base_config(ckpt.root)
+    if base_config is None:
+        base_config = read_base_config(ckpt.root)
     problems = Problems()
     modules, replacements = group_keys(_module_keys(adapter, tuner), adapter.weights_path, problems)
     cfg.prime(list(modules))

@@ -152,9 +152,10 @@ def plan_combination(ckpt: Checkpoint, adapters: AdapterSet, weights: Sequence[f
     for a in adapters.members:
         _refuse_config(a)
     # a quantized base: the members are planned on one logical view, which the combined plan is finished with
-    quant = quantized_view(ckpt, read_base_config(ckpt.root))
+    base_config = read_base_config(ckpt.root)
+    quant = quantized_view(ckpt, base_config)
     logical = ckpt if quant is None else quant.checkpoint
-    plans = [plan_logical(logical, a, dtype=dtype, loader=loader) for a in adapters.members]
+    plans = [plan_logical(logical, a, dtype=dtype, loader=loader, base_config=base_config) for a in adapters.members]
     for i, (a, p) in enumerate(zip(adapters.members, plans)):
         _refuse_plan(a, p, i)
     _refuse_tie_conflicts(adapters.members, plans)
